@@ -1,0 +1,67 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "Lamina",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "lamina-img", targets: ["lamina-img"]),
+        .library(name: "BlockDrivers", targets: ["BlockDrivers"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+    ],
+    targets: [
+        // The one place that talks to libc beyond what Glibc exports cleanly,
+        // plus zlib/zstd wrappers (opaque C API, no system-library module maps).
+        .target(
+            name: "CLaminaSys",
+            linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]
+        ),
+        .target(
+            name: "BlockCore",
+            dependencies: [.product(name: "DequeModule", package: "swift-collections")],
+            swiftSettings: strict
+        ),
+        .target(name: "BlockIO", dependencies: ["BlockCore", "CLaminaSys"], swiftSettings: strict),
+        .target(name: "BlockGraph", dependencies: ["BlockCore", "BlockIO"], swiftSettings: strict),
+        .target(name: "FileDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
+        .target(name: "RawDriver", dependencies: ["BlockCore", "BlockGraph"], swiftSettings: strict),
+        .target(name: "Qcow2", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
+        .target(
+            name: "BlockDrivers",
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "FileDriver", "RawDriver", "Qcow2"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "ImgTool",
+            dependencies: [
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(name: "lamina-img", dependencies: ["ImgTool"], swiftSettings: strict),
+        .testTarget(
+            name: "BlockCoreTests",
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "Qcow2Tests",
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "Qcow2", "BlockDrivers", "FileDriver"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "InteropTests",
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "ImgTool"],
+            swiftSettings: strict
+        ),
+    ]
+)

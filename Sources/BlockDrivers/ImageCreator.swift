@@ -1,0 +1,62 @@
+import BlockCore
+import BlockGraph
+import BlockIO
+import FileDriver
+import Qcow2
+
+/// Creates images (QEMU's bdrv_img_create for raw and qcow2).
+public enum ImageCreator {
+    public static func createRaw(path: String, size: Int64, preallocation: Preallocation) async throws(BlockError) {
+        let h: HostFile
+        do throws(BlockError) {
+            h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
+        } catch {
+            throw error
+        }
+        let d = try FileDriver(host: h)
+        let node = BlockNode(driver: d, filename: path, readOnly: false)
+        do throws(BlockError) {
+            try await node.truncate(to: size, preallocation: preallocation == .metadata ? .off : preallocation)
+            try await node.flush()
+        } catch {
+            try? await node.close()
+            throw error
+        }
+        try await node.close()
+    }
+
+    /// Creates a qcow2 image. The backing file, if named, must be openable
+    /// (its size is the default image size) unless `unsafe` is set.
+    public static func createQcow2(path: String, options: Qcow2CreateOptions) async throws(BlockError) {
+        try options.validate()
+        let h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
+        let d = try FileDriver(host: h)
+        let fileNode = BlockNode(driver: d, filename: path, readOnly: false)
+        do throws(BlockError) {
+            try await Qcow2Creator.create(file: fileNode, options: options)
+        } catch {
+            try? await fileNode.close()
+            throw error
+        }
+        if options.preallocation != .off {
+            var qo = Qcow2OpenOptions()
+            qo.readOnly = false
+            let img: Qcow2Image
+            do throws(BlockError) {
+                img = try await Qcow2Image.open(file: fileNode, options: qo)
+            } catch {
+                try? await fileNode.close()
+                throw error
+            }
+            do throws(BlockError) {
+                try await img.preallocate(options.preallocation)
+            } catch {
+                try? await img.close()
+                throw error
+            }
+            try await img.close()
+        } else {
+            try await fileNode.close()
+        }
+    }
+}

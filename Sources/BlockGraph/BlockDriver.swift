@@ -1,0 +1,127 @@
+import BlockCore
+
+/// What a driver reports for a range, for this layer only (QEMU's
+/// `bdrv_co_block_status`): return `allocated == false` (and no data/zero) to
+/// defer to the backing layer.
+public struct BlockStatus: Sendable, Equatable {
+    public struct Flags: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// Reading returns data from this layer (or a lower one if not `allocated`).
+        public static let data = Flags(rawValue: 1 << 0)
+        /// Reading returns zeroes.
+        public static let zero = Flags(rawValue: 1 << 1)
+        /// `hostOffset` is valid: the bytes live at that offset of `hostNode`.
+        public static let offsetValid = Flags(rawValue: 1 << 2)
+        /// The range is allocated in this layer (set by the generic layer for data|zero).
+        public static let allocated = Flags(rawValue: 1 << 3)
+        /// The range lies at or past the end of the node.
+        public static let eof = Flags(rawValue: 1 << 4)
+        /// Ask the protocol layer (hostNode) whether the host range is a hole.
+        public static let recurse = Flags(rawValue: 1 << 5)
+        /// The data is stored compressed (offset not directly usable).
+        public static let compressed = Flags(rawValue: 1 << 6)
+    }
+
+    public var flags: Flags
+    /// Bytes from the queried offset with this same status (> 0 unless at EOF).
+    public var length: Int64
+    public var hostOffset: Int64
+    /// The node `hostOffset` refers to (the protocol child), if any.
+    public var hostNode: BlockNode?
+
+    public init(flags: Flags, length: Int64, hostOffset: Int64 = 0, hostNode: BlockNode? = nil) {
+        self.flags = flags
+        self.length = length
+        self.hostOffset = hostOffset
+        self.hostNode = hostNode
+    }
+
+    public static func == (a: BlockStatus, b: BlockStatus) -> Bool {
+        a.flags == b.flags && a.length == b.length && a.hostOffset == b.hostOffset && a.hostNode === b.hostNode
+    }
+}
+
+public struct WriteFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Force unit access: durable before the call returns.
+    public static let fua = WriteFlags(rawValue: 1 << 0)
+    /// write-zeroes may deallocate (NBD's absence of NO_HOLE; QEMU's BDRV_REQ_MAY_UNMAP).
+    public static let mayUnmap = WriteFlags(rawValue: 1 << 1)
+    /// write-zeroes must be fast or fail with notSupported (NBD FAST_ZERO).
+    public static let noFallback = WriteFlags(rawValue: 1 << 2)
+}
+
+/// A child edge: the role it plays for its parent (QEMU's BdrvChild).
+public struct BlockChild: Sendable {
+    public enum Role: String, Sendable { case file, backing, dataFile = "data-file" }
+    public var role: Role
+    public var node: BlockNode
+    public init(role: Role, node: BlockNode) {
+        self.role = role
+        self.node = node
+    }
+}
+
+/// The driver contract (QEMU's `BlockDriver`), one for protocol, format and
+/// filter drivers.
+///
+/// The generic layer (`BlockNode`) guarantees before any call: the range is
+/// inside the node (writes of growable protocol nodes excepted), offset and
+/// length are multiples of `requestAlignment`, the node is writable for
+/// writing calls, and zero-length requests never arrive. Buffers belong to
+/// the caller and are valid only until the call returns.
+///
+/// Threading: I/O methods are nonisolated async and run on the caller's
+/// executor (an `IOThread`); they may block briefly in host syscalls.
+public protocol BlockDriver: AnyObject, Sendable {
+    /// "file", "raw", "qcow2", ...
+    var formatName: String { get }
+    /// Current virtual size in bytes.
+    var length: Int64 { get }
+    /// Offsets and lengths must be multiples of this (1 for most drivers).
+    var requestAlignment: Int { get }
+    /// Buffers must start at addresses aligned to this.
+    var memoryAlignment: Int { get }
+    /// Protocol drivers whose writes may extend the node (host files).
+    var growable: Bool { get }
+    var children: [BlockChild] { get }
+    /// Format drivers with a backing file (qcow2): unallocated ranges read
+    /// from the backing node, or as zeroes without one.
+    var supportsBacking: Bool { get }
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError)
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws(BlockError)
+    func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError)
+    func discard(at offset: Int64, length: Int64) async throws(BlockError)
+    func flush() async throws(BlockError)
+    /// Status of this layer only, starting at `offset`, for at most `length` bytes.
+    func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus
+    /// Changes the size (growing or shrinking); a grown range is
+    /// preallocated as `preallocation` says.
+    func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError)
+    /// Flushes and releases everything. No I/O may follow.
+    func close() async throws(BlockError)
+}
+
+public extension BlockDriver {
+    var requestAlignment: Int { 1 }
+    var memoryAlignment: Int { 1 }
+    var growable: Bool { false }
+    var supportsBacking: Bool { false }
+    func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {
+        throw .unsupported("Image format driver does not support resize")
+    }
+}
+
+/// Drivers that sit directly on a host file and can say how much of it is
+/// really allocated (for "disk size" and preallocation detection).
+public protocol HostBackedDriver: BlockDriver {
+    func allocatedBytes() throws(BlockError) -> Int64
+}
+
+/// QEMU's PreallocMode.
+public enum Preallocation: String, Sendable, CaseIterable {
+    case off, metadata, falloc, full
+}

@@ -1,0 +1,69 @@
+import BlockCore
+import BlockIO
+import CLaminaSys
+
+/// QEMU's image locking (file-posix "locking=on"): one byte per permission
+/// at offset 100+bit is read-locked by holders of that permission, and one
+/// byte at 200+bit by those who refuse to share it. Open file description
+/// locks make this interoperate with qemu-img, qemu-io and QEMU itself.
+public struct ImageLock: Sendable, Equatable {
+    public struct Permissions: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        public static let consistentRead = Permissions(rawValue: 1 << 0)
+        public static let write = Permissions(rawValue: 1 << 1)
+        public static let writeUnchanged = Permissions(rawValue: 1 << 2)
+        public static let resize = Permissions(rawValue: 1 << 3)
+        public static let all: Permissions = [.consistentRead, .write, .writeUnchanged, .resize]
+
+        static let names = ["consistent read", "write", "write unchanged", "resize"]
+    }
+
+    public var perm: Permissions
+    public var shared: Permissions
+
+    public init(perm: Permissions, shared: Permissions) {
+        self.perm = perm
+        self.shared = shared
+    }
+
+    /// What a read-only user of an image takes (qemu-img info/check/convert source).
+    public static let reader = ImageLock(perm: [.consistentRead], shared: [.consistentRead, .writeUnchanged, .resize])
+    /// What a writer takes (qemu-img convert target, a daemon's active layer).
+    public static let writer = ImageLock(perm: [.consistentRead, .write, .resize], shared: [.consistentRead, .writeUnchanged])
+    /// -U / force-share: hold only consistent read, share everything.
+    public static let sharedReader = ImageLock(perm: [.consistentRead], shared: .all)
+    /// Backing files: others may do anything with them.
+    public static let backing = ImageLock(perm: [.consistentRead], shared: .all)
+
+    static let permBase: Int64 = 100
+    static let sharedBase: Int64 = 200
+
+    func apply(to file: HostFile) throws(BlockError) {
+        for bit in 0..<4 {
+            let p = Permissions(rawValue: 1 << UInt8(bit))
+            if perm.contains(p) {
+                let r = lamina_ofd_setlk(file.fd, 1, ImageLock.permBase + Int64(bit), 1)
+                if r < 0 { throw failure(Permissions.names[bit], shared: false, file.path) }
+            }
+            if !shared.contains(p) {
+                let r = lamina_ofd_setlk(file.fd, 1, ImageLock.sharedBase + Int64(bit), 1)
+                if r < 0 { throw failure(Permissions.names[bit], shared: true, file.path) }
+            }
+        }
+        for bit in 0..<4 {
+            let p = Permissions(rawValue: 1 << UInt8(bit))
+            if perm.contains(p) && lamina_ofd_getlk(file.fd, 2, ImageLock.sharedBase + Int64(bit), 1) == 1 {
+                throw failure(Permissions.names[bit], shared: false, file.path)
+            }
+            if !shared.contains(p) && lamina_ofd_getlk(file.fd, 2, ImageLock.permBase + Int64(bit), 1) == 1 {
+                throw failure(Permissions.names[bit], shared: true, file.path)
+            }
+        }
+    }
+
+    private func failure(_ name: String, shared: Bool, _ path: String) -> BlockError {
+        BlockError(.busy, errno: 11,
+                   "Failed to get \(shared ? "shared " : "")\"\(name)\" lock\nIs another process using the image [\(path)]?")
+    }
+}

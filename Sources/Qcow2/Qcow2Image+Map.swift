@@ -1,0 +1,298 @@
+import BlockCore
+import BlockGraph
+import CLaminaSys
+
+/// What a stretch of guest bytes maps to, as planned under the lock and
+/// executed outside it.
+enum ExtentKind: Equatable {
+    case data(host: Int64)
+    case zero
+    /// Not allocated in this image: read through to the backing file.
+    case backing
+    /// Inside a compressed cluster whose L2 entry is `entry`; `clusterStart`
+    /// is the guest offset of that cluster.
+    case compressed(entry: UInt64, clusterStart: Int64)
+}
+
+struct Extent {
+    var guest: Int64
+    var length: Int64
+    var kind: ExtentKind
+}
+
+/// Cluster mapping: L1/L2 lookup and planning of reads. Functions ending in
+/// `Locked` run with `lock` held.
+extension Qcow2Image {
+    /// The L2 table for `l1Index`, or nil if none is allocated.
+    func l2TableLocked(_ l1Index: Int) async throws(BlockError) -> (Int64, AlignedBuffer)? {
+        guard l1Index < l1.count else { return nil }
+        let e = l1[l1Index]
+        let off = Int64(e & Qcow2.l1OffsetMask)
+        if off == 0 { return nil }
+        if let b = l2Cache.lookup(off) { return (off, b) }
+        if off % Int64(geo.clusterSize) != 0 {
+            throw await corruption("L2 table offset \(hex(off)) unaligned (L1 index: \(hex(Int64(l1Index))))")
+        }
+        let b = AlignedBuffer(count: geo.clusterSize)
+        try await Qcow2Image.readInto(file, b, off)
+        l2Cache.insert(off, b)
+        return (off, b)
+    }
+
+    /// Maps `[guest, guest+length)` up to the end of one L2 table. The
+    /// returned extents cover a prefix of the range (at least one byte).
+    func mapLocked(_ guest: Int64, _ length: Int64) async throws(BlockError) -> [Extent] {
+        let cs = Int64(geo.clusterSize)
+        let l1i = geo.l1Index(guest)
+        let tableSpan = cs * Int64(geo.l2Entries)
+        let tableEnd = (guest / tableSpan + 1) * tableSpan
+        let end = min(guest + length, tableEnd)
+        var out: [Extent] = []
+        func add(_ g: Int64, _ len: Int64, _ k: ExtentKind) {
+            if var last = out.last, last.guest + last.length == g {
+                switch (last.kind, k) {
+                case (.zero, .zero), (.backing, .backing):
+                    last.length += len
+                    out[out.count - 1] = last
+                    return
+                case (.data(let h1), .data(let h2)) where h1 + last.length == h2:
+                    last.length += len
+                    out[out.count - 1] = last
+                    return
+                default: break
+                }
+            }
+            out.append(Extent(guest: g, length: len, kind: k))
+        }
+        guard let (l2Off, table) = try await l2TableLocked(l1i) else {
+            add(guest, end - guest, .backing)
+            return out
+        }
+        var g = guest
+        while g < end {
+            let idx = geo.l2Index(g)
+            let entry = table.l2Entry(idx, geo)
+            let bitmap = table.l2Bitmap(idx, geo)
+            let clusterStart = g - geo.offsetInCluster(g)
+            let clusterEnd = min(clusterStart + cs, end)
+            if entry & Qcow2.oflagCompressed != 0 {
+                if geo.extendedL2 && bitmap != 0 {
+                    throw await corruption("Compressed cluster entry with non-zero subcluster bitmap (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
+                }
+                add(g, clusterEnd - g, .compressed(entry: entry, clusterStart: clusterStart))
+                g = clusterEnd
+                continue
+            }
+            let host = Int64(entry & Qcow2.l2OffsetMask)
+            if host % cs != 0 {
+                throw await corruption("Cluster allocation offset \(hex(host)) unaligned (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
+            }
+            if !geo.extendedL2 {
+                let kind = geo.subclusterKind(entry: geo.version >= 3 ? entry : entry & ~Qcow2.oflagZero, bitmap: 0, sc: 0)
+                switch kind {
+                case .normal(let h): add(g, clusterEnd - g, .data(host: h + (g - clusterStart)))
+                case .zeroPlain, .zeroAlloc: add(g, clusterEnd - g, .zero)
+                default: add(g, clusterEnd - g, .backing)
+                }
+                g = clusterEnd
+                continue
+            }
+            // Extended L2: walk subclusters.
+            let scs = Int64(geo.subclusterSize)
+            while g < clusterEnd {
+                let sc = Int((g - clusterStart) / scs)
+                let scEnd = min(clusterStart + Int64(sc + 1) * scs, clusterEnd)
+                switch geo.subclusterKind(entry: entry, bitmap: bitmap, sc: sc) {
+                case .normal(let h): add(g, scEnd - g, .data(host: h + (g - clusterStart - Int64(sc) * scs)))
+                case .zeroPlain, .zeroAlloc: add(g, scEnd - g, .zero)
+                case .unallocated, .unallocatedAlloc: add(g, scEnd - g, .backing)
+                case .invalid:
+                    throw await corruption("Invalid cluster entry found  (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
+                case .compressed: break
+                }
+                g = scEnd
+            }
+        }
+        return out
+    }
+
+    // MARK: - Executing reads
+
+    /// Reads planned extents into `buffer` (which starts at guest offset
+    /// `base`). Runs outside the lock.
+    func readExtents(_ extents: [Extent], base: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        for e in extents {
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(e.guest - base)..<Int(e.guest - base + e.length)])
+            switch e.kind {
+            case .data(let host):
+                try await file.read(at: host, into: dst)
+            case .zero:
+                dst.zeroFill()
+            case .backing:
+                try await readBacking(e.guest, dst)
+            case .compressed(let entry, let clusterStart):
+                let cluster = try await decompressCluster(entry)
+                let from = Int(e.guest - clusterStart)
+                dst.copyMemory(from: UnsafeRawBufferPointer(cluster.slice(from, dst.count)))
+            }
+        }
+    }
+
+    /// Reads guest bytes from the backing node; what lies past its end (or
+    /// with no backing file at all) reads as zeroes.
+    func readBacking(_ guest: Int64, _ dst: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        guard let b = backing else {
+            dst.zeroFill()
+            return
+        }
+        let blen = b.length
+        let avail = max(0, min(Int64(dst.count), blen - guest))
+        if avail > 0 {
+            try await b.read(at: guest, into: UnsafeMutableRawBufferPointer(rebasing: dst[0..<Int(avail)]))
+        }
+        if Int(avail) < dst.count {
+            UnsafeMutableRawBufferPointer(rebasing: dst[Int(avail)...]).zeroFill()
+        }
+    }
+
+    func decompressCluster(_ entry: UInt64) async throws(BlockError) -> AlignedBuffer {
+        let (off, len) = geo.compressedRange(entry)
+        let cbuf = AlignedBuffer(count: len)
+        try await file.read(at: off, into: cbuf.bytes)
+        let out = AlignedBuffer(count: geo.clusterSize)
+        let rc: Int32
+        if header.compressionType == CompressionType.zstd.rawValue {
+            rc = lamina_zstd_decompress(cbuf.pointer, len, out.pointer, geo.clusterSize)
+        } else {
+            rc = lamina_inflate_raw(cbuf.pointer, len, out.pointer, geo.clusterSize)
+        }
+        if rc != 0 {
+            throw BlockError.io("Could not decompress cluster at host offset \(hex(off))", errno: 5)
+        }
+        return out
+    }
+
+    // MARK: - Driver: read and block status
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        var done: Int64 = 0
+        let total = Int64(buffer.count)
+        while done < total {
+            let g = offset + done
+            await lock.lock()
+            let extents: [Extent]
+            do throws(BlockError) {
+                extents = try await mapLocked(g, total - done)
+            } catch {
+                lock.unlock()
+                throw error
+            }
+            let epoch = ioGate.enter()
+            lock.unlock()
+            defer { ioGate.leave(epoch) }
+            let got = extents.reduce(Int64(0)) { $0 + $1.length }
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(done)..<Int(done + got)])
+            try await readExtents(extents, base: g, into: slice)
+            done += got
+        }
+    }
+
+    public var supportsBacking: Bool { true }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
+        await lock.lock()
+        defer { lock.unlock() }
+        if metadataPreallocation == nil {
+            metadataPreallocation = try await detectMetadataPreallocationLocked()
+        }
+        let extents = try await mapLocked(offset, length)
+        guard let first = extents.first else { return BlockStatus(flags: [], length: length) }
+        // Extents were merged per kind; compressed clusters stay one each but
+        // report the same status, so extend over neighbours of equal class.
+        var len = first.length
+        switch first.kind {
+        case .data(let host):
+            var flags: BlockStatus.Flags = [.data, .offsetValid]
+            if metadataPreallocation == true { flags.insert(.recurse) }
+            return BlockStatus(flags: flags, length: len, hostOffset: host, hostNode: file)
+        case .zero:
+            // Zero clusters with a host allocation report the offset too.
+            if let host = try await zeroAllocHostLocked(offset) {
+                let l = try await zeroAllocRunLocked(offset, min(len, Int64(geo.clusterSize) - geo.offsetInCluster(offset)), host)
+                return BlockStatus(flags: [.zero, .offsetValid], length: l, hostOffset: host, hostNode: file)
+            }
+            len = try await zeroPlainRunLocked(offset, len)
+            return BlockStatus(flags: [.zero], length: len)
+        case .backing:
+            return BlockStatus(flags: [], length: len)
+        case .compressed:
+            for e in extents.dropFirst() {
+                if case .compressed = e.kind { len += e.length } else { break }
+            }
+            return BlockStatus(flags: [.data, .compressed], length: len)
+        }
+    }
+
+    /// If the (sub)cluster at `guest` is a zero cluster with a preallocated
+    /// host cluster, its host offset for `guest`.
+    private func zeroAllocHostLocked(_ guest: Int64) async throws(BlockError) -> Int64? {
+        guard let (_, table) = try await l2TableLocked(geo.l1Index(guest)) else { return nil }
+        let idx = geo.l2Index(guest)
+        let entry = table.l2Entry(idx, geo)
+        let inCluster = geo.offsetInCluster(guest)
+        let sc = Int(inCluster / Int64(geo.subclusterSize))
+        if case .zeroAlloc(let h) = geo.subclusterKind(entry: entry, bitmap: table.l2Bitmap(idx, geo), sc: sc) {
+            return h + (inCluster - Int64(sc * geo.subclusterSize))
+        }
+        return nil
+    }
+
+    /// Length of the run of zero-allocated (sub)clusters with contiguous host offsets.
+    private func zeroAllocRunLocked(_ guest: Int64, _ firstLen: Int64, _ host: Int64) async throws(BlockError) -> Int64 {
+        var len = firstLen
+        let limit = Int64(geo.clusterSize) * Int64(geo.l2Entries)
+        while len < limit {
+            let g = guest + len
+            if g >= self.length || geo.l1Index(g) != geo.l1Index(guest) { break }
+            guard let h = try await zeroAllocHostLocked(g), h == host + len else { break }
+            len += min(Int64(geo.subclusterSize), self.length - g)
+        }
+        return len
+    }
+
+    /// Length of the zero run starting at `guest` made of clusters without host allocation.
+    private func zeroPlainRunLocked(_ guest: Int64, _ maxLen: Int64) async throws(BlockError) -> Int64 {
+        var len: Int64 = 0
+        while len < maxLen {
+            let g = guest + len
+            if try await zeroAllocHostLocked(g) != nil { break }
+            let step = min(Int64(geo.subclusterSize) - (g % Int64(geo.subclusterSize)), maxLen - len)
+            len += step
+        }
+        return max(len, 1)
+    }
+
+    /// QEMU's heuristic: an image whose refcounted clusters clearly exceed
+    /// what the host file really allocates was preallocated with metadata,
+    /// so block status must ask the file whether data clusters are holes.
+    func detectMetadataPreallocationLocked() async throws(BlockError) -> Bool {
+        let fileLength = file.length
+        let real: Int64
+        if let f = file.driver as? any HostBackedDriver {
+            real = (try? f.allocatedBytes()) ?? fileLength
+        } else {
+            return false
+        }
+        let cs = Int64(geo.clusterSize)
+        let realClusters = real / cs
+        let threshold = max(realClusters * 10 / 9, realClusters + 2)
+        let endCluster = divRoundUp(fileLength, cs)
+        var count: Int64 = 0
+        var c: Int64 = 0
+        while c < endCluster && count < threshold {
+            if try await refcount(c) != 0 { count += 1 }
+            c += 1
+        }
+        return count >= threshold
+    }
+}
