@@ -1,0 +1,5 @@
+import BlockIO
+
+enum IOThreadPoolBox {
+    static let shared = IOThreadPool(count: 4, name: "test-io")
+}
