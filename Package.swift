@@ -11,10 +11,10 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "lamina-img", targets: ["lamina-img"]),
+        .executable(name: "lamina-io", targets: ["lamina-io"]),
         .library(name: "BlockDrivers", targets: ["BlockDrivers"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
     ],
     targets: [
@@ -43,11 +43,11 @@ let package = Package(
             name: "ImgTool",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
         ),
         .executableTarget(name: "lamina-img", dependencies: ["ImgTool"], swiftSettings: strict),
+        .executableTarget(name: "lamina-io", dependencies: ["ImgTool"], swiftSettings: strict),
         .testTarget(
             name: "BlockCoreTests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph"],

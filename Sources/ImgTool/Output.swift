@@ -5,7 +5,7 @@ import BlockCore
 
 /// Buffered standard output (flushed explicitly and at exit).
 final class StdoutBuffer: @unchecked Sendable {
-    nonisolated(unsafe) static let shared = StdoutBuffer()
+    static let shared = StdoutBuffer()
     private var bytes: [UInt8] = []
 
     func write(_ s: String) {

@@ -466,6 +466,9 @@ extension Qcow2Image {
         if start >= end { return }
         let hasBacking = backing != nil
         let v3 = geo.version >= 3
+        // Without the zero flag, dropping clusters would expose stale data
+        // from the backing file: QEMU refuses, and so do we.
+        if !v3 && hasBacking { return }
         let ext = geo.extendedL2
         try await rewriteEntries(start / cs, divRoundUp(end, cs)) { e, b in
             let allocated = self.isAllocatedType(e)

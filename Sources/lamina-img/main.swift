@@ -1,1 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ImgTool
+
+let status = await LaminaImg.main(CommandLine.arguments)
+exit(status)

@@ -1,0 +1,46 @@
+/// `lamina-img`: qemu-img 7.2's command line over the Lamina block layer.
+public enum LaminaImg {
+    public static func main(_ argv: [String]) async -> Int32 {
+        let prog = argv.first.map { String($0.split(separator: "/").last ?? "lamina-img") } ?? "lamina-img"
+        ProgName.current = prog
+        let ctx = ToolContext(progName: prog)
+        let args = Array(argv.dropFirst())
+        guard let cmd = args.first else {
+            return ctx.report(ctx.usage("Not enough arguments"))
+        }
+        let rest = Array(args.dropFirst())
+        let status: Int32
+        do throws(ToolError) {
+            switch cmd {
+            case "-h", "--help":
+                outln(helpText(prog))
+                status = 0
+            case "-V", "--version":
+                outln("\(prog) version 7.2.0 (Lamina)")
+                status = 0
+            default:
+                throw ctx.usage("Command not found: \(cmd)")
+            }
+        } catch {
+            StdoutBuffer.shared.flush()
+            return ctx.report(error)
+        }
+        StdoutBuffer.shared.flush()
+        return status
+    }
+
+    static func helpText(_ prog: String) -> String {
+        """
+        \(prog) - QEMU disk image utility, rebuilt in Swift (Lamina)
+        usage: \(prog) [standard options] command [command options]
+
+        Command syntax:
+          check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+          compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
+          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-U] filename [filename2 [...]] output_filename
+          create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+          info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+          map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
+        """
+    }
+}
