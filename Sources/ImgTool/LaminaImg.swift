@@ -15,6 +15,7 @@ public enum LaminaImg {
             case "-h", "--help":
                 outln(helpText(prog))
                 status = 0
+            case "info": status = try await InfoCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0

@@ -75,9 +75,9 @@ indirect enum JSON {
     private func write(into s: inout String, indent: Int) {
         switch self {
         case .object(let members):
-            if members.isEmpty { s += "{}"; return }
+            if members.isEmpty { s += "{\n" + String(repeating: " ", count: indent * 4) + "}"; return }
             s += "{"
-            for (i, (k, v)) in members.enumerated() {
+            for (i, (k, v)) in JSON.qdictOrder(members).enumerated() {
                 s += i == 0 ? "\n" : ",\n"
                 s += String(repeating: " ", count: (indent + 1) * 4)
                 s += JSON.quote(k) + ": "
@@ -85,7 +85,7 @@ indirect enum JSON {
             }
             s += "\n" + String(repeating: " ", count: indent * 4) + "}"
         case .array(let items):
-            if items.isEmpty { s += "[]"; return }
+            if items.isEmpty { s += "[\n" + String(repeating: " ", count: indent * 4) + "]"; return }
             s += "["
             for (i, v) in items.enumerated() {
                 s += i == 0 ? "\n" : ",\n"
@@ -100,6 +100,25 @@ indirect enum JSON {
         case .bool(let v): s += v ? "true" : "false"
         case .null: s += "null"
         }
+    }
+
+    /// QEMU's QDict iterates its 512 hash buckets in order (tdb_hash of the
+    /// key), newest entry first within a bucket; every JSON object QEMU
+    /// prints comes out in that order. `members` is in insertion order.
+    static func qdictOrder(_ members: [(String, JSON)]) -> [(String, JSON)] {
+        members.enumerated()
+            .map { (bucket: tdbHash($0.element.0) % 512, index: $0.offset, member: $0.element) }
+            .sorted { $0.bucket != $1.bucket ? $0.bucket < $1.bucket : $0.index > $1.index }
+            .map(\.member)
+    }
+
+    static func tdbHash(_ key: String) -> UInt32 {
+        let bytes = Array(key.utf8)
+        var value: UInt32 = 0x238F_13AF &* UInt32(truncatingIfNeeded: bytes.count)
+        for (i, c) in bytes.enumerated() {
+            value = value &+ (UInt32(c) << UInt32(i * 5 % 24))
+        }
+        return 1_103_515_243 &* value &+ 12345
     }
 
     /// QEMU's quoting: escapes, control characters and every non-ASCII

@@ -122,9 +122,8 @@ public enum Qcow2Creator {
         try await file.write(at: rtOffset, from: UnsafeRawBufferPointer(rt.bytes))
         try await file.write(at: blocksOffset, from: UnsafeRawBufferPointer(rb.bytes))
         if l1Entries > 0 {
-            // QEMU writes the L1 table rounded up to 512 bytes.
-            let n = alignUp(l1Bytes, 512)
-            let l1b = AlignedBuffer(count: Int(n), zeroed: true)
+            // QEMU writes exactly the L1 entries (the file ends there).
+            let l1b = AlignedBuffer(count: Int(l1Bytes), zeroed: true)
             try await file.write(at: l1Offset, from: UnsafeRawBufferPointer(l1b.bytes))
         }
         try await file.flush()
