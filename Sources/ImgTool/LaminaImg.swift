@@ -16,6 +16,7 @@ public enum LaminaImg {
                 outln(helpText(prog))
                 status = 0
             case "info": status = try await InfoCommand.run(rest, ctx)
+            case "check": status = try await CheckCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
