@@ -144,7 +144,7 @@ public final class BlockNode: Sendable {
             st.flags.remove(.recurse)
             if !st.flags.contains(.zero) {
                 let hs = try await host.blockStatus(at: st.hostOffset, length: st.length)
-                if hs.flags.contains(.eof) {
+                if hs.flags.contains(.eof) && hs.length == 0 {
                     // Past the end of the host file: reads as zeroes.
                     st.flags.insert(.zero)
                 } else {

@@ -16,7 +16,10 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     private let size: Atomic<Int64>
 
     public var formatName: String { "file" }
-    public var length: Int64 { size.load(ordering: .relaxed) }
+    /// Like QEMU, the node's length counts whole 512-byte sectors.
+    public var length: Int64 { (size.load(ordering: .relaxed) + 511) / 512 * 512 }
+    /// The host file's exact size.
+    public var exactSize: Int64 { size.load(ordering: .relaxed) }
     public var requestAlignment: Int { host.requestAlignment }
     public var memoryAlignment: Int { host.direct ? max(host.requestAlignment, 512) : 1 }
     public var growable: Bool { true }
@@ -69,7 +72,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
         let end = offset + length
-        let cur = self.length
+        let cur = exactSize
         // Entirely past the end: extending the file is enough.
         if offset >= cur && !host.isBlockDevice {
             try host.truncate(to: end)
@@ -137,7 +140,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {
-        let old = self.length
+        let old = exactSize
         if host.isBlockDevice {
             if length > old { throw BlockError.unsupported("Cannot grow device files") }
             return

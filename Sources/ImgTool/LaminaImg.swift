@@ -17,6 +17,7 @@ public enum LaminaImg {
                 status = 0
             case "info": status = try await InfoCommand.run(rest, ctx)
             case "check": status = try await CheckCommand.run(rest, ctx)
+            case "map": status = try await MapCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0

@@ -205,71 +205,60 @@ extension Qcow2Image {
         if metadataPreallocation == nil {
             metadataPreallocation = try await detectMetadataPreallocationLocked()
         }
-        let extents = try await mapLocked(offset, length)
-        guard let first = extents.first else { return BlockStatus(flags: [], length: length) }
-        // Extents were merged per kind; compressed clusters stay one each but
-        // report the same status, so extend over neighbours of equal class.
-        var len = first.length
-        switch first.kind {
-        case .data(let host):
-            var flags: BlockStatus.Flags = [.data, .offsetValid]
-            if metadataPreallocation == true { flags.insert(.recurse) }
-            return BlockStatus(flags: flags, length: len, hostOffset: host, hostNode: file)
-        case .zero:
-            // Zero clusters with a host allocation report the offset too.
-            if let host = try await zeroAllocHostLocked(offset) {
-                let l = try await zeroAllocRunLocked(offset, min(len, Int64(geo.clusterSize) - geo.offsetInCluster(offset)), host)
-                return BlockStatus(flags: [.zero, .offsetValid], length: l, hostOffset: host, hostNode: file)
+        let cs = Int64(geo.clusterSize)
+        let tableSpan = cs * Int64(geo.l2Entries)
+        let end = min(offset + length, (offset / tableSpan + 1) * tableSpan)
+        guard let (l2Off, table) = try await l2TableLocked(geo.l1Index(offset)) else {
+            return BlockStatus(flags: [], length: end - offset)
+        }
+        let unit = Int64(geo.subclusterSize)
+        var g = offset
+        var runFlags: BlockStatus.Flags?
+        var runHost: Int64 = 0
+        var runLen: Int64 = 0
+        while g < end {
+            let idx = geo.l2Index(g)
+            let entry = table.l2Entry(idx, geo)
+            let inCluster = geo.offsetInCluster(g)
+            let sc = Int(inCluster / unit)
+            let unitEnd = min(g - inCluster + Int64(sc + 1) * unit, end)
+            var flags: BlockStatus.Flags = []
+            var host: Int64 = 0
+            let raw = geo.version >= 3 || geo.extendedL2 ? entry : entry & ~Qcow2.oflagZero
+            switch geo.subclusterKind(entry: raw, bitmap: table.l2Bitmap(idx, geo), sc: sc) {
+            case .normal(let h):
+                if h % cs != Int64(sc) * unit % cs {
+                    throw await corruption("Cluster allocation offset \(hex(h - Int64(sc) * unit)) unaligned (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
+                }
+                flags = [.data, .offsetValid]
+                if metadataPreallocation == true { flags.insert(.recurse) }
+                host = h + (inCluster - Int64(sc) * unit)
+            case .zeroAlloc(let h):
+                flags = [.zero, .offsetValid]
+                host = h + (inCluster - Int64(sc) * unit)
+            case .unallocatedAlloc(let h):
+                flags = [.offsetValid]
+                host = h + (inCluster - Int64(sc) * unit)
+            case .zeroPlain:
+                flags = [.zero]
+            case .unallocated:
+                flags = []
+            case .compressed:
+                flags = [.data, .compressed]
+            case .invalid:
+                throw await corruption("Invalid cluster entry found  (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
             }
-            len = try await zeroPlainRunLocked(offset, len)
-            return BlockStatus(flags: [.zero], length: len)
-        case .backing:
-            return BlockStatus(flags: [], length: len)
-        case .compressed:
-            for e in extents.dropFirst() {
-                if case .compressed = e.kind { len += e.length } else { break }
+            if let rf = runFlags {
+                if rf != flags || (flags.contains(.offsetValid) && host != runHost + runLen) { break }
+            } else {
+                runFlags = flags
+                runHost = host
             }
-            return BlockStatus(flags: [.data, .compressed], length: len)
+            runLen += unitEnd - g
+            g = unitEnd
         }
-    }
-
-    /// If the (sub)cluster at `guest` is a zero cluster with a preallocated
-    /// host cluster, its host offset for `guest`.
-    private func zeroAllocHostLocked(_ guest: Int64) async throws(BlockError) -> Int64? {
-        guard let (_, table) = try await l2TableLocked(geo.l1Index(guest)) else { return nil }
-        let idx = geo.l2Index(guest)
-        let entry = table.l2Entry(idx, geo)
-        let inCluster = geo.offsetInCluster(guest)
-        let sc = Int(inCluster / Int64(geo.subclusterSize))
-        if case .zeroAlloc(let h) = geo.subclusterKind(entry: entry, bitmap: table.l2Bitmap(idx, geo), sc: sc) {
-            return h + (inCluster - Int64(sc * geo.subclusterSize))
-        }
-        return nil
-    }
-
-    /// Length of the run of zero-allocated (sub)clusters with contiguous host offsets.
-    private func zeroAllocRunLocked(_ guest: Int64, _ firstLen: Int64, _ host: Int64) async throws(BlockError) -> Int64 {
-        var len = firstLen
-        let limit = Int64(geo.clusterSize) * Int64(geo.l2Entries)
-        while len < limit {
-            let g = guest + len
-            if g >= self.length || geo.l1Index(g) != geo.l1Index(guest) { break }
-            guard let h = try await zeroAllocHostLocked(g), h == host + len else { break }
-            len += min(Int64(geo.subclusterSize), self.length - g)
-        }
-        return len
-    }
-
-    /// Length of the zero run starting at `guest` made of clusters without host allocation.
-    private func zeroPlainRunLocked(_ guest: Int64, _ maxLen: Int64) async throws(BlockError) -> Int64 {
-        var len: Int64 = 0
-        while len < maxLen {
-            let g = guest + len
-            if try await zeroAllocHostLocked(g) != nil { break }
-            let step = min(Int64(geo.subclusterSize) - (g % Int64(geo.subclusterSize)), maxLen - len)
-            len += step
-        }
-        return max(len, 1)
+        let f = runFlags ?? []
+        return BlockStatus(flags: f, length: runLen, hostOffset: runHost, hostNode: f.contains(.offsetValid) ? file : nil)
     }
 
     /// QEMU's heuristic: an image whose refcounted clusters clearly exceed

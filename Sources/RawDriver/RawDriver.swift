@@ -8,7 +8,8 @@ public final class RawDriver: BlockDriver, Sendable {
     public init(file: BlockNode) { self.file = file }
 
     public var formatName: String { "raw" }
-    public var length: Int64 { file.length }
+    /// QEMU counts in 512-byte sectors: a raw image's size rounds up.
+    public var length: Int64 { (file.length + 511) / 512 * 512 }
     public var requestAlignment: Int { file.driver.requestAlignment }
     public var memoryAlignment: Int { file.driver.memoryAlignment }
     public var children: [BlockChild] { [BlockChild(role: .file, node: file)] }
