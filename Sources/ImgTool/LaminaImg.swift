@@ -18,6 +18,7 @@ public enum LaminaImg {
             case "info": status = try await InfoCommand.run(rest, ctx)
             case "check": status = try await CheckCommand.run(rest, ctx)
             case "map": status = try await MapCommand.run(rest, ctx)
+            case "compare": status = try await CompareCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
