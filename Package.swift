@@ -42,7 +42,7 @@ let package = Package(
         .target(
             name: "ImgTool",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "FileDriver",
             ],
             swiftSettings: strict
         ),

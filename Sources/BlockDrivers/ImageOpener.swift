@@ -34,7 +34,8 @@ public enum ImageOpener {
     /// Probes the format from the first bytes: qcow2 magic with a version of
     /// at least 2 means qcow2, anything else raw.
     public static func probe(_ file: BlockNode) async throws(BlockError) -> String {
-        guard file.length >= 8 else { return "raw" }
+        // QEMU's qcow2 probe needs a whole header (104 bytes).
+        guard file.length >= 104 else { return "raw" }
         let buf = AlignedBuffer(count: 512)
         try await file.read(at: 0, into: buf.slice(0, Int(min(512, file.length))))
         let p = UnsafeRawPointer(buf.pointer)
@@ -76,7 +77,7 @@ public enum ImageOpener {
         let path = filename.hasPrefix("file:") ? String(filename.dropFirst(5)) : filename
         if let id = identity(path) {
             if visited.contains(where: { $0 == id }) {
-                throw BlockError.invalid("Backing file '\(path)' creates an infinite loop")
+                throw BlockError.invalid("Backing file '\(path)' creates an infinite loop.")
             }
             visited.append(id)
         }

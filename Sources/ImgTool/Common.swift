@@ -4,6 +4,8 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockIO
+import FileDriver
 
 /// A user-facing failure: message printed as "<prog>: <message>", exit code.
 struct ToolError: Error {
@@ -11,6 +13,15 @@ struct ToolError: Error {
     var exitCode: Int32 = 1
     /// Print "Try '<prog> --help' for more information" after the message.
     var showHelpHint = false
+    /// The message ends without a newline (QEMU hints printed verbatim).
+    var noNewline = false
+
+    init(message: String, exitCode: Int32 = 1, showHelpHint: Bool = false, noNewline: Bool = false) {
+        self.message = message
+        self.exitCode = exitCode
+        self.showHelpHint = showHelpHint
+        self.noNewline = noNewline
+    }
 }
 
 /// State shared by the subcommands of one invocation.
@@ -21,7 +32,8 @@ struct ToolContext {
 
     /// Prints an error the way qemu-img does and returns its exit code.
     func report(_ e: ToolError) -> Int32 {
-        errln("\(progName): \(e.message)")
+        StdoutBuffer.shared.flush()
+        FileHandleStderr.write("\(progName): \(e.message)" + (e.noNewline ? "" : "\n"))
         if e.showHelpHint {
             FileHandleStderr.write("Try '\(progName) --help' for more information\n")
         }
@@ -57,7 +69,7 @@ func cvtnum(_ name: String, _ text: String) throws(ToolError) -> Int64 {
         case .overflow:
             throw ToolError(message: "Invalid \(name) specified. Must be between 0 and \(Int64.max).")
         case .syntax:
-            throw ToolError(message: "Invalid \(name) specified. You may use k, M, G, T, P or E suffixes for \n\(ProgName.current): kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            throw ToolError(message: "Invalid \(name) specified. You may use k, M, G, T, P or E suffixes for\n\(ProgName.current): kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
         }
     }
 }
@@ -116,5 +128,14 @@ func checkFormat(_ f: String?) throws(ToolError) {
     guard let f else { return }
     if !["qcow2", "raw", "file"].contains(f) {
         throw ToolError(message: "Unknown file format '\(f)'")
+    }
+}
+
+/// Creates (or truncates) a host file and returns it as a writable file node.
+enum HostFileOpener {
+    static func create(_ path: String) throws(BlockError) -> BlockNode {
+        let h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
+        let d = try FileDriver(host: h)
+        return BlockNode(driver: d, filename: path, readOnly: false)
     }
 }

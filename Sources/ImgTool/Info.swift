@@ -31,16 +31,25 @@ enum InfoCommand {
         }
         try checkFormat(format)
         let filename = opts.operands[0]
-        // Open the top image; with --backing-chain, each backing image in turn.
+        // Like qemu-img, open each image on its own without its backing
+        // file; with --backing-chain follow the backing names one by one.
         var infos: [ImageInfo] = []
-        let top = try await openImage(filename, format: format, readOnly: true, forceShare: forceShare, noBacking: false)
-        var node: BlockNode? = top
-        while let n = node {
-            infos.append(await ImageInfo.collect(n))
-            if !chain { break }
-            node = n.backing
+        var seen: Set<String> = []
+        var next: (String, String?)? = (filename, format)
+        while let (name, fmt) = next {
+            if seen.contains(name) {
+                throw ctx.fail("Backing file '\(name)' creates an infinite loop.")
+            }
+            seen.insert(name)
+            let node = try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, noBacking: true)
+            let info = await ImageInfo.collect(node)
+            await closeQuietly(node)
+            infos.append(info)
+            next = nil
+            if chain, let full = info.fullBackingFilename {
+                next = (full, info.backingFormat)
+            }
         }
-        await closeQuietly(top)
         if output == "json" {
             if chain {
                 outln(JSON.array(infos.map(\.json)).pretty())

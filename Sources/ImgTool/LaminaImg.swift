@@ -19,6 +19,8 @@ public enum LaminaImg {
             case "check": status = try await CheckCommand.run(rest, ctx)
             case "map": status = try await MapCommand.run(rest, ctx)
             case "compare": status = try await CompareCommand.run(rest, ctx)
+            case "create": status = try await CreateCommand.run(rest, ctx)
+            case "convert": status = try await ConvertCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -27,6 +29,7 @@ public enum LaminaImg {
             }
         } catch {
             StdoutBuffer.shared.flush()
+            if error.message.isEmpty { return error.exitCode }
             return ctx.report(error)
         }
         StdoutBuffer.shared.flush()

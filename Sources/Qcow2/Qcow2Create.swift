@@ -14,30 +14,25 @@ public struct Qcow2CreateOptions: Sendable {
     public var preallocation: Preallocation = .off
     public init() {}
 
-    /// QEMU's qcow2_co_create checks, with its messages.
+    /// QEMU's qcow2_co_create checks, in its order, with its messages.
     public func validate() throws(BlockError) {
         if clusterSize < 512 || clusterSize > 2 << 20 || clusterSize & (clusterSize - 1) != 0 {
             throw BlockError.invalid("Cluster size must be a power of two between 512 and 2048k")
         }
+        if extendedL2 && clusterSize < 16384 {
+            throw BlockError.invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        }
         if version < 3 && lazyRefcounts {
             throw BlockError.invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")
         }
-        if refcountBits > 64 || refcountBits & (refcountBits - 1) != 0 || refcountBits < 1 {
+        if refcountBits > 64 || refcountBits < 1 || refcountBits & (refcountBits - 1) != 0 {
             throw BlockError.invalid("Refcount width must be a power of two and may not exceed 64 bits")
         }
         if version < 3 && refcountBits != 16 {
             throw BlockError.invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")
         }
-        if version < 3 && compressionType != .zlib {
-            throw BlockError.invalid("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-        }
-        if extendedL2 {
-            if version < 3 {
-                throw BlockError.invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-            }
-            if clusterSize < 16384 {
-                throw BlockError.invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
-            }
+        if extendedL2 && version < 3 {
+            throw BlockError.invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
         }
         if backingFile != nil && preallocation != .off && !extendedL2 {
             throw BlockError.invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on")
@@ -45,7 +40,15 @@ public struct Qcow2CreateOptions: Sendable {
         if backingFormat != nil && backingFile == nil {
             throw BlockError.invalid("Backing format cannot be used without backing file")
         }
+        if version < 3 && compressionType != .zlib {
+            throw BlockError.invalid("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+        }
         if size < 0 { throw BlockError.invalid("Image size must be a multiple of 512 bytes") }
+        let entries = Int64(clusterSize / (extendedL2 ? 16 : 8))
+        let l1 = divRoundUp(size, Int64(clusterSize) * entries)
+        if l1 * 8 > Qcow2.maxL1Bytes {
+            throw BlockError(.invalidArgument, errno: 27, "The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+        }
     }
 }
 
@@ -96,9 +99,13 @@ public enum Qcow2Creator {
             blocks = max(blocks, needBlocks)
             rtClusters = max(rtClusters, needRT)
         }
+        // QEMU's layout: header, refcount table, the first refcount block,
+        // the L1 table, then any further refcount blocks the L1 needs.
         let rtOffset = cs
-        let blocksOffset = rtOffset + rtClusters * cs
-        let l1Offset = blocksOffset + blocks * cs
+        let firstBlockOffset = rtOffset + rtClusters * cs
+        let l1Offset = firstBlockOffset + cs
+        let extraBlocksOffset = l1Offset + (l1Entries > 0 ? l1Clusters : 0) * cs
+        func blockOffset(_ i: Int64) -> Int64 { i == 0 ? firstBlockOffset : extraBlocksOffset + (i - 1) * cs }
         h.refcountTableOffset = UInt64(rtOffset)
         h.refcountTableClusters = UInt32(rtClusters)
         h.l1Size = UInt32(l1Entries)
@@ -111,18 +118,21 @@ public enum Qcow2Creator {
         headerBytes.withUnsafeBytes { hb.bytes.copyMemory(from: $0) }
         // Refcount table.
         let rt = AlignedBuffer(count: Int(rtClusters * cs), zeroed: true)
-        for i in 0..<Int(blocks) { rt.setBE64(i, UInt64(blocksOffset + Int64(i) * cs)) }
-        // Refcount blocks.
-        let rb = AlignedBuffer(count: Int(blocks * cs), zeroed: true)
-        for c in 0..<Int(usedClusters) {
-            let blk = c / g.refblockEntries
-            RefcountCodec.set(rb.pointer + blk * Int(cs), c % g.refblockEntries, order: g.refcountOrder, 1)
-        }
+        for i in 0..<blocks { rt.setBE64(Int(i), UInt64(blockOffset(i))) }
         try await file.write(at: 0, from: UnsafeRawBufferPointer(hb.bytes))
         try await file.write(at: rtOffset, from: UnsafeRawBufferPointer(rt.bytes))
-        try await file.write(at: blocksOffset, from: UnsafeRawBufferPointer(rb.bytes))
+        // Refcount blocks: every used cluster has refcount 1.
+        for i in 0..<blocks {
+            let rb = AlignedBuffer(count: Int(cs), zeroed: true)
+            let first = i * Int64(g.refblockEntries)
+            for c in first..<min(usedClusters, first + Int64(g.refblockEntries)) {
+                RefcountCodec.set(rb.pointer, Int(c - first), order: g.refcountOrder, 1)
+            }
+            try await file.write(at: blockOffset(i), from: UnsafeRawBufferPointer(rb.bytes))
+        }
         if l1Entries > 0 {
-            // QEMU writes exactly the L1 entries (the file ends there).
+            // QEMU writes exactly the L1 entries (the file ends there unless
+            // further refcount blocks follow).
             let l1b = AlignedBuffer(count: Int(l1Bytes), zeroed: true)
             try await file.write(at: l1Offset, from: UnsafeRawBufferPointer(l1b.bytes))
         }

@@ -169,7 +169,7 @@ public struct Qcow2Header: Sendable, Equatable {
     /// Parses the first cluster of an image. Validates only what is needed to
     /// read the structure; `Qcow2Image` validates the rest with QEMU's messages.
     public static func parse(_ b: [UInt8]) throws(BlockError) -> Qcow2Header {
-        if b.count < Qcow2.v2HeaderLength || b.be32(0) != Qcow2.magic {
+        if b.count < 512 || b.be32(0) != Qcow2.magic {
             throw BlockError.invalid("Image is not in qcow2 format")
         }
         var h = Qcow2Header()
@@ -287,8 +287,10 @@ public struct Qcow2Header: Sendable, Equatable {
             default: return 5
             }
         }
+        // QEMU leaves the feature name table out of v2 images and of images
+        // with clusters of 4 KiB or less.
         let ordered = extensions.enumerated()
-            .filter { version >= 3 || $0.element.type != Qcow2.extFeatureTable }
+            .filter { (version >= 3 && clusterSize > 4096) || $0.element.type != Qcow2.extFeatureTable }
             .sorted { (rank($0.element.type), $0.offset) < (rank($1.element.type), $1.offset) }
             .map(\.element)
         for e in ordered {

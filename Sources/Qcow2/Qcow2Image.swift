@@ -131,25 +131,16 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// the caller reads `backingFileName`/`backingFormat` and attaches it.
     public static func open(file: BlockNode, options: Qcow2OpenOptions) async throws(BlockError) -> Qcow2Image {
         let fileSize = file.length
-        var first = [UInt8](repeating: 0, count: min(Int(max(fileSize, 0)), 1 << Qcow2.maxClusterBits))
-        if first.count < Qcow2.v2HeaderLength {
-            if first.count >= 4 {
-                try await readBytes(file, &first, 0)
-                if first.be32(0) == Qcow2.magic {
-                    throw BlockError.io("Could not read qcow2 header: Input/output error", errno: 5)
-                }
-            }
-            throw BlockError.invalid("Image is not in qcow2 format")
-        }
-        // Read the first cluster (or what exists of it).
-        var probe = [UInt8](repeating: 0, count: min(first.count, 512))
+        // Read the header the way QEMU does: missing bytes read as zeroes.
+        var probe = [UInt8](repeating: 0, count: 512)
         try await readBytes(file, &probe, 0)
         if probe.be32(0) != Qcow2.magic { throw BlockError.invalid("Image is not in qcow2 format") }
         let clusterBits = probe.be32(20)
+        var first = probe
         if clusterBits >= 9 && clusterBits <= 21 {
-            first = [UInt8](repeating: 0, count: min(first.count, 1 << Int(clusterBits)))
+            first = [UInt8](repeating: 0, count: 1 << Int(clusterBits))
+            try await readBytes(file, &first, 0)
         }
-        try await readBytes(file, &first, 0)
         let header = try Qcow2Header.parse(first)
         try validate(header, fileSize: fileSize, options: options)
 

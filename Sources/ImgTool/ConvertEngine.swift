@@ -1,0 +1,375 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import BlockGraph
+import BlockIO
+import Qcow2
+import Synchronization
+
+/// The copy loop of `convert` (QEMU's convert_do_copy): several workers
+/// plan chunks in order under a lock, read them in parallel, and (unless
+/// out-of-order writes are allowed) write them in order.
+final class ConvertEngine: @unchecked Sendable {
+    enum ChunkStatus { case data, zero, backing }
+
+    struct Config {
+        var sources: [BlockNode]
+        var target: BlockNode
+        var targetHasBacking: Bool
+        var targetBackingSectors: Int64  // negative if unknown
+        var hasZeroInit: Bool
+        var compressed: Bool
+        var minSparse: Int64  // sectors
+        var alignment: Int64  // sectors
+        var bufSectors: Int64
+        var clusterSectors: Int64
+        var inOrder: Bool
+        var workers: Int
+    }
+
+    let cfg: Config
+    let sourceSectors: [Int64]
+    let sourceAlignment: [Int64]
+    let totalSectors: Int64
+
+    // Planning state, guarded by `planLock`.
+    private let planLock = AsyncLock()
+    private var sectorNum: Int64 = 0
+    private var sectorNextStatus: Int64 = 0
+    private var status: ChunkStatus = .data
+
+    // Shared counters and errors.
+    private struct Shared {
+        var failed = false
+        var allocatedSectors: Int64 = 0
+        var allocatedDone: Int64 = 0
+        var wrOffs: Int64 = 0
+        var waiters: [Int64: UnsafeContinuation<Void, Never>] = [:]
+        var messages: [String] = []
+    }
+    private let shared = Mutex(Shared())
+    private let progress: Progress
+    private let progressLock = Mutex(())
+
+    init(_ cfg: Config, progress: Progress) {
+        self.cfg = cfg
+        self.progress = progress
+        sourceSectors = cfg.sources.map { ($0.length + 511) / 512 }
+        sourceAlignment = cfg.sources.map { n in
+            var a = Int64(max(1, n.driver.requestAlignment / 512))
+            if let q = n.driver as? Qcow2Image { a = max(a, Int64(q.clusterSize / 512)) }
+            return a
+        }
+        totalSectors = sourceSectors.reduce(0, +)
+    }
+
+    private func selectPart(_ sector: Int64) -> (Int, Int64) {
+        var idx = 0
+        var base: Int64 = 0
+        while idx < sourceSectors.count - 1 && sector - base >= sourceSectors[idx] {
+            base += sourceSectors[idx]
+            idx += 1
+        }
+        return (idx, base)
+    }
+
+    /// convert_iteration_sectors: how many sectors from `sector` share one
+    /// status (updating `status`). Called with `planLock` held.
+    private func iterationSectors(_ sector: Int64) async throws(BlockError) -> Int64 {
+        let (src, base) = selectPart(sector)
+        var n = min(totalSectors - sector, Int64(Int32.max) >> 9)
+        var postBackingZero = false
+        if cfg.targetBackingSectors >= 0 {
+            if sector >= cfg.targetBackingSectors {
+                postBackingZero = true
+            } else if sector + n > cfg.targetBackingSectors {
+                n = cfg.targetBackingSectors - sector
+            }
+        }
+        if sectorNextStatus <= sector {
+            let node = cfg.sources[src]
+            let offset = (sector - base) * 512
+            let baseNode = cfg.targetHasBacking ? node.backing : nil
+            let st = try await node.blockStatusAbove(base: baseNode, at: offset, length: n * 512)
+            n = max(1, divRoundUp(st.status.length, 512))
+            let tail = (sector - base + n) % sourceAlignment[src]
+            if n > tail { n -= tail }
+            let f = st.status.flags
+            if f.contains(.zero) {
+                status = postBackingZero ? .backing : .zero
+            } else if f.contains(.data) {
+                status = .data
+            } else {
+                status = cfg.targetHasBacking ? .backing : .data
+            }
+            sectorNextStatus = sector + n
+        }
+        n = min(n, sectorNextStatus - sector)
+        if status == .data { n = min(n, cfg.bufSectors) }
+        if cfg.compressed {
+            if n < cfg.clusterSectors {
+                n = min(cfg.clusterSectors, totalSectors - sector)
+                status = .data
+            } else {
+                n = alignDown(n, cfg.clusterSectors)
+            }
+        }
+        return n
+    }
+
+    /// Runs the copy; returns false after printing an error.
+    func run(pool: IOThreadPool) async -> Bool {
+        // First pass: how much data there is (for progress).
+        await planLock.lock()
+        var s: Int64 = 0
+        var allocated: Int64 = 0
+        do throws(BlockError) {
+            while s < totalSectors {
+                let n = try await iterationSectors(s)
+                if status == .data || (cfg.minSparse == 0 && status == .zero) { allocated += n }
+                s += n
+            }
+        } catch {
+            planLock.unlock()
+            report("error while reading block status at offset \(s * 512): \(errnoString(error.errno))")
+            return false
+        }
+        sectorNextStatus = 0
+        sectorNum = 0
+        planLock.unlock()
+        shared.withLock { $0.allocatedSectors = allocated }
+
+        await withTaskGroup(of: Void.self) { group in
+            for i in 0..<cfg.workers {
+                group.addTask(executorPreference: pool[i]) {
+                    await self.worker()
+                }
+            }
+        }
+        let (failed, messages) = shared.withLock { ($0.failed, $0.messages) }
+        for m in messages { errln("\(ProgName.current): \(m)") }
+        if failed { return false }
+        if cfg.compressed, let q = cfg.target.driver as? Qcow2Image {
+            // Like QEMU, end the file on a sector boundary.
+            let len = q.file.length
+            try? await q.file.truncate(to: len)
+        }
+        return true
+    }
+
+    private func report(_ message: String) {
+        shared.withLock { s in
+            s.failed = true
+            s.messages.append(message)
+            // Wake everybody waiting for their turn so they can stop.
+            for (_, c) in s.waiters { c.resume() }
+            s.waiters.removeAll()
+        }
+    }
+
+    private var failed: Bool { shared.withLock { $0.failed } }
+
+    private func worker() async {
+        let buf = AlignedBuffer(count: Int(cfg.bufSectors * 512))
+        while true {
+            await planLock.lock()
+            if failed || sectorNum >= totalSectors {
+                planLock.unlock()
+                return
+            }
+            var n: Int64
+            do throws(BlockError) {
+                n = try await iterationSectors(sectorNum)
+            } catch {
+                planLock.unlock()
+                report("error while reading block status at offset \(sectorNum * 512): \(errnoString(error.errno))")
+                return
+            }
+            let sector = sectorNum
+            var st = status
+            if cfg.minSparse == 0 && st == .zero { n = min(n, cfg.bufSectors) }
+            sectorNum += n
+            planLock.unlock()
+
+            if st == .data || (cfg.minSparse == 0 && st == .zero) {
+                let (done, total) = shared.withLock { s -> (Int64, Int64) in
+                    s.allocatedDone += n
+                    return (s.allocatedDone, s.allocatedSectors)
+                }
+                progressLock.withLock { _ in
+                    progress.advance(Float(100.0 * Double(done) / Double(max(total, 1))), max: 0)
+                }
+            }
+            if st == .data {
+                do throws(BlockError) {
+                    try await readSources(sector, n, buf)
+                } catch {
+                    report("error while reading at byte \(sector * 512): \(errnoString(error.errno))")
+                }
+            } else if cfg.minSparse == 0 && st == .zero {
+                st = .data
+                buf.slice(0, Int(n * 512)).zeroFill()
+            }
+            if cfg.inOrder { await waitTurn(sector) }
+            if !failed {
+                do throws(BlockError) {
+                    try await write(sector, n, buf, st)
+                } catch {
+                    report("error while writing at byte \(sector * 512): \(errnoString(error.errno))")
+                }
+            }
+            if cfg.inOrder { finishTurn(sector + n) }
+        }
+    }
+
+    private func waitTurn(_ sector: Int64) async {
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now = shared.withLock { s -> Bool in
+                if s.wrOffs == sector || s.failed { return true }
+                s.waiters[sector] = c
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    private func finishTurn(_ next: Int64) {
+        let c = shared.withLock { s -> UnsafeContinuation<Void, Never>? in
+            s.wrOffs = next
+            return s.waiters.removeValue(forKey: next)
+        }
+        c?.resume()
+    }
+
+    private func readSources(_ sector: Int64, _ count: Int64, _ buf: AlignedBuffer) async throws(BlockError) {
+        var sec = sector
+        var left = count
+        var pos = 0
+        while left > 0 {
+            let (src, base) = selectPart(sec)
+            let node = cfg.sources[src]
+            let n = min(left, sourceSectors[src] - (sec - base))
+            let offset = (sec - base) * 512
+            // The last sector of a source may be partial: the rest reads as zeroes.
+            let avail = max(0, min(n * 512, node.length - offset))
+            if avail > 0 { try await node.read(at: offset, into: buf.slice(pos, Int(avail))) }
+            if avail < n * 512 { buf.slice(pos + Int(avail), Int(n * 512 - avail)).zeroFill() }
+            sec += n
+            left -= n
+            pos += Int(n * 512)
+        }
+    }
+
+    private func write(_ sector: Int64, _ count: Int64, _ buf: AlignedBuffer, _ st: ChunkStatus) async throws(BlockError) {
+        var sec = sector
+        var left = count
+        var pos = 0
+        let target = cfg.target
+        while left > 0 {
+            var n = left
+            var writeZero = false
+            switch st {
+            case .backing:
+                break
+            case .data:
+                let bytes = UnsafeRawBufferPointer(buf.slice(pos, Int(n * 512)))
+                if cfg.minSparse == 0 {
+                    try await writeData(sec, bytes)
+                } else if cfg.compressed {
+                    if !bytes.isAllZero {
+                        try await writeData(sec, bytes)
+                    } else {
+                        writeZero = true
+                    }
+                } else {
+                    let (allocated, run) = ConvertEngine.allocatedSectorsMin(buf.pointer + pos, n, min: cfg.minSparse,
+                                                                              sector: sec, alignment: cfg.alignment)
+                    n = run
+                    if allocated {
+                        try await writeData(sec, UnsafeRawBufferPointer(buf.slice(pos, Int(n * 512))))
+                    } else {
+                        writeZero = true
+                    }
+                }
+            case .zero:
+                writeZero = true
+            }
+            if writeZero && !cfg.hasZeroInit {
+                let len = min(n * 512, target.length - sec * 512)
+                if len > 0 { try await target.writeZeroes(at: sec * 512, length: len, flags: [.mayUnmap]) }
+            }
+            sec += n
+            left -= n
+            pos += Int(n * 512)
+        }
+    }
+
+    private func writeData(_ sector: Int64, _ bytes: UnsafeRawBufferPointer) async throws(BlockError) {
+        let target = cfg.target
+        let offset = sector * 512
+        // Never write past the target's end (the last source sector may be partial).
+        let len = min(Int64(bytes.count), target.length - offset)
+        guard len > 0 else { return }
+        let data = UnsafeRawBufferPointer(rebasing: bytes[0..<Int(len)])
+        if cfg.compressed, let q = target.driver as? Qcow2Image {
+            try await q.writeCompressed(at: offset, from: data)
+        } else {
+            try await target.write(at: offset, from: data)
+        }
+    }
+
+    /// qemu-img's is_allocated_sectors: is the first sector non-zero, and
+    /// how many sectors share that state (ends aligned to `alignment`).
+    static func allocatedSectors(_ p: UnsafeMutableRawPointer, _ n: Int64, sector: Int64, alignment: Int64) -> (Bool, Int64) {
+        if n <= 0 { return (false, 0) }
+        let isZero = isZeroMemory(p, 512)
+        var i: Int64 = 1
+        while i < n {
+            if isZeroMemory(p + Int(i) * 512, 512) != isZero { break }
+            i += 1
+        }
+        if i == n { return (!isZero, i) }
+        var zero = isZero
+        let tail = (sector + i) & (alignment - 1)
+        if tail != 0 {
+            if zero && i <= tail {
+                // The following data will rewrite this tail anyway.
+                zero = false
+            }
+            if !zero {
+                i = min(i + alignment - tail, n)
+            } else {
+                i -= tail
+            }
+        }
+        return (!zero, i)
+    }
+
+    /// is_allocated_sectors_min: data runs swallow zero runs shorter than `min`.
+    static func allocatedSectorsMin(_ p: UnsafeMutableRawPointer, _ count: Int64, min minimum: Int64,
+                                    sector: Int64, alignment: Int64) -> (Bool, Int64) {
+        var n = count
+        let minRun = Swift.min(minimum, n)
+        let (first, run) = allocatedSectors(p, n, sector: sector, alignment: alignment)
+        if !first { return (false, run) }
+        var used = run
+        var checked = run
+        var ptr = p + Int(run) * 512
+        n -= run
+        var sec = sector + run
+        while n > 0 {
+            let (alloc, r) = allocatedSectors(ptr, n, sector: sec, alignment: alignment)
+            ptr += Int(r) * 512
+            n -= r
+            sec += r
+            checked += r
+            if alloc {
+                used = checked
+            } else if r >= minRun {
+                break
+            }
+        }
+        return (true, used)
+    }
+}

@@ -1,0 +1,187 @@
+import BlockCore
+import BlockDrivers
+import BlockGraph
+import Qcow2
+
+/// `create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
+enum CreateCommand {
+    static func run(_ args: [String], _ ctx: ToolContext) async throws(ToolError) -> Int32 {
+        let opts = try ctx.parse(args, short: ":F:b:f:ho:qu", long: [
+            .init(name: "help", hasArgument: false, key: "h"), .init(name: "object", hasArgument: true, key: "object"),
+        ])
+        var format = "raw"
+        var baseFile: String?
+        var baseFormat: String?
+        var optionList: String?
+        var quiet = false
+        var unsafe = false
+        for (k, v) in opts.options {
+            switch k {
+            case "h": outln(LaminaImg.helpText(ctx.progName)); return 0
+            case "f": format = v!
+            case "b": baseFile = v
+            case "F": baseFormat = v
+            case "o":
+                if !CreateOptions.wantsHelp(v!) && CreateOptions.splitList(v!) == nil {
+                    throw ctx.fail("Invalid option list: \(v!)")
+                }
+                optionList = optionList.map { $0 + "," + v! } ?? v!
+            case "q": quiet = true
+            case "u": unsafe = true
+            default: break
+            }
+        }
+        if let list = optionList, CreateOptions.wantsHelp(list) {
+            guard ["qcow2", "raw"].contains(format) else { throw ctx.fail("Unknown file format '\(format)'") }
+            out(CreateOptions.helpText(format: format, withFilename: !opts.operands.isEmpty))
+            return 0
+        }
+        guard let filename = opts.operands.first else { throw ctx.usage("Expecting image file name") }
+        var size: Int64 = -1
+        if opts.operands.count >= 2 {
+            size = try cvtnum("image size", opts.operands[1])
+        }
+        if opts.operands.count > 2 { throw ctx.usage("Unexpected argument: \(opts.operands[2])") }
+        do throws(ToolError) {
+            try await create(filename: filename, format: format, size: size, baseFile: baseFile, baseFormat: baseFormat,
+                             optionList: optionList, quiet: quiet, unsafe: unsafe)
+        } catch {
+            var e = error
+            e.message = "\(filename): \(error.message)"
+            throw e
+        }
+        return 0
+    }
+
+    /// QEMU's bdrv_img_create. Errors carry no file name prefix.
+    static func create(filename: String, format: String, size sizeArg: Int64, baseFile: String?, baseFormat: String?,
+                       optionList: String?, quiet: Bool, unsafe: Bool, formattingPrefix: String = "") async throws(ToolError) {
+        guard ["qcow2", "raw"].contains(format) else { throw ToolError(message: "Unknown file format '\(format)'") }
+        var co = CreateOptions(format: format)
+        if let list = optionList { try co.parse(list) }
+        var size = sizeArg
+        if co.has("size") {
+            if sizeArg != -1 { throw ToolError(message: "The image size must be specified only once") }
+            size = Int64(co.value("size")!)!
+        } else if size != -1 {
+            co.set("size", String(size))
+        }
+        if let b = baseFile {
+            guard format == "qcow2" else { throw ToolError(message: "Backing file not supported for file format '\(format)'") }
+            co.set("backing_file", b)
+        }
+        if let f = baseFormat {
+            guard format == "qcow2" else { throw ToolError(message: "Backing file format not supported for file format '\(format)'") }
+            co.set("backing_fmt", f)
+        }
+        let backing = co.value("backing_file")
+        let backingFmt = co.value("backing_fmt")
+        if let b = backing {
+            if b == filename { throw ToolError(message: "Error: Trying to create an image with the same filename as the backing file") }
+            if b.isEmpty { throw ToolError(message: "Expected backing file name, got empty string") }
+        }
+        if let b = backing, !unsafe {
+            let full = ImageOpener.resolveBackingPath(b, overlay: filename)
+            var o = ImageOpenOptions()
+            o.format = backingFmt
+            o.forceShare = true
+            o.locking = false
+            let node: BlockNode
+            do throws(BlockError) {
+                if let f = backingFmt, !["qcow2", "raw", "file"].contains(f) {
+                    throw BlockError.invalid("Unknown driver '\(f)'")
+                }
+                node = try await ImageOpener.open(full, o)
+            } catch {
+                throw ToolError(message: error.message + "\nCould not open backing image.")
+            }
+            let detected = node.formatName
+            let length = node.length
+            try? await node.close()
+            if backingFmt == nil {
+                throw ToolError(message: "Backing file specified without backing format\nDetected format of \(detected).", noNewline: true)
+            }
+            if size == -1 {
+                size = length
+                co.set("size", String(size))
+            }
+        } else if backing != nil && backingFmt == nil {
+            throw ToolError(message: "Backing file specified without backing format")
+        }
+        if size == -1 { throw ToolError(message: "Image creation needs a size parameter") }
+        if !quiet { outln(formattingPrefix + co.formattingLine(filename)) }
+        StdoutBuffer.shared.flush()
+        if format == "raw" {
+            try await createRaw(filename, size: size, co)
+        } else {
+            try await createQcow2(filename, size: size, co)
+        }
+    }
+
+    static func createRaw(_ filename: String, size: Int64, _ co: CreateOptions) async throws(ToolError) {
+        var prealloc = Preallocation.off
+        if let p = co.value("preallocation") {
+            guard let m = Preallocation(rawValue: p) else {
+                throw ToolError(message: "Parameter 'preallocation' does not accept value '\(p)'")
+            }
+            if m == .metadata { throw ToolError(message: "Unsupported preallocation mode: metadata") }
+            prealloc = m
+        }
+        let node = try createFile(filename)
+        do throws(BlockError) {
+            try await node.truncate(to: (size + 511) / 512 * 512, preallocation: prealloc)
+            try await node.flush()
+        } catch {
+            try? await node.close()
+            if error.errno == 27 { throw ToolError(message: "The image size is too large for file format 'raw'") }
+            throw ToolError(message: "Could not resize file: \(errnoString(error.errno))")
+        }
+        try? await node.close()
+    }
+
+    static func createFile(_ filename: String) throws(ToolError) -> BlockNode {
+        do throws(BlockError) {
+            let h = try HostFileOpener.create(filename)
+            return h
+        } catch {
+            throw ToolError(message: "Could not create '\(filename)': \(errnoString(error.errno))")
+        }
+    }
+
+    static func createQcow2(_ filename: String, size: Int64, _ co: CreateOptions) async throws(ToolError) {
+        let fileNode = try createFile(filename)
+        let o: Qcow2CreateOptions
+        do throws(ToolError) {
+            o = try co.qcow2Options(size: size)
+        } catch {
+            try? await fileNode.close()
+            throw error
+        }
+        do throws(BlockError) {
+            try o.validate()
+            try await Qcow2Creator.create(file: fileNode, options: o)
+        } catch {
+            try? await fileNode.close()
+            throw ToolError(message: error.message)
+        }
+        if o.preallocation != .off {
+            var qo = Qcow2OpenOptions()
+            qo.readOnly = false
+            do throws(BlockError) {
+                let img = try await Qcow2Image.open(file: fileNode, options: qo)
+                do throws(BlockError) {
+                    try await img.preallocate(o.preallocation)
+                } catch {
+                    try? await img.close()
+                    throw error
+                }
+                try await img.close()
+            } catch {
+                try? await fileNode.close()
+                throw ToolError(message: error.message)
+            }
+        } else {
+            try? await fileNode.close()
+        }
+    }
+}
