@@ -4,15 +4,18 @@ import BlockCore
 /// keyed by host offset.
 ///
 /// Not thread-safe: owned by one `Qcow2Image` and only touched while its
-/// metadata lock is held. Write-through: whoever modifies a cached table
-/// writes the changed bytes to disk before releasing the lock, so the cache
-/// never holds anything the file lacks, and eviction never writes.
+/// metadata lock is held. An entry may be marked dirty (a byte range not yet
+/// written to the file); dirty entries are never evicted, the owner writes
+/// them back (`dirtyEntries`, `markClean`) before it relies on the file.
 final class MetadataCache {
     private final class Node {
         let offset: Int64
         let buffer: AlignedBuffer
         var prev: Node?
         var next: Node?
+        var dirtyLo = Int.max
+        var dirtyHi = 0
+        var isDirty: Bool { dirtyHi > dirtyLo }
         init(offset: Int64, buffer: AlignedBuffer) {
             self.offset = offset
             self.buffer = buffer
@@ -46,14 +49,49 @@ final class MetadataCache {
         let n = Node(offset: offset, buffer: buffer)
         map[offset] = n
         pushFront(n)
-        while map.count > capacity, let t = tail {
+        evictClean()
+    }
+
+    /// Drops least recently used clean entries while over capacity.
+    private func evictClean() {
+        var cur = tail
+        while map.count > capacity, let t = cur {
+            cur = t.prev
+            if t.isDirty { continue }
             unlink(t)
             map[t.offset] = nil
         }
     }
 
+    /// Records that bytes `range` of the cached table at `offset` are newer
+    /// than the file.
+    func markDirty(_ offset: Int64, _ range: Range<Int>) {
+        guard let n = map[offset] else { preconditionFailure("marking an uncached table dirty") }
+        n.dirtyLo = min(n.dirtyLo, range.lowerBound)
+        n.dirtyHi = max(n.dirtyHi, range.upperBound)
+        dirtySet.insert(offset)
+    }
+
+    private var dirtySet: Set<Int64> = []
+    var dirtyCount: Int { dirtySet.count }
+
+    /// Dirty entries, by host offset: (offset, buffer, dirty byte range).
+    func dirtyEntries() -> [(Int64, AlignedBuffer, Range<Int>)] {
+        dirtySet.sorted().compactMap { off in map[off].map { (off, $0.buffer, $0.dirtyLo..<$0.dirtyHi) } }
+    }
+
+    func markClean(_ offset: Int64) {
+        if let n = map[offset] {
+            n.dirtyLo = Int.max
+            n.dirtyHi = 0
+        }
+        dirtySet.remove(offset)
+        evictClean()
+    }
+
     func remove(_ offset: Int64) {
         if let n = map[offset] {
+            precondition(!n.isDirty, "dropping a dirty metadata table")
             unlink(n)
             map[offset] = nil
         }
@@ -68,6 +106,7 @@ final class MetadataCache {
             cur.next = nil
         }
         map.removeAll()
+        dirtySet.removeAll()
         head = nil
         tail = nil
     }

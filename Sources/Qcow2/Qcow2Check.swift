@@ -54,6 +54,7 @@ extension Qcow2Image {
         if !repair.isEmpty && options.readOnly {
             throw BlockError(.permissionDenied, errno: 1, "Cannot repair a read-only image")
         }
+        if !options.readOnly { try await writebackL2Locked() }
         if !repair.isEmpty {
             // Leftover reservations are not references; give them back first.
             try await releaseReserveLocked()

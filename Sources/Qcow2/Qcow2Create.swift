@@ -182,7 +182,8 @@ extension Qcow2Image {
                 i += got
             }
             _ = idx0
-            try await writeTableRange(table, at: l2Off, 0..<geo.clusterSize)
+            l2Cache.markDirty(l2Off, 0..<geo.clusterSize)
+            try await writebackIfNeededLocked()
             c = tableEnd
         }
         try await releaseReserveLocked()

@@ -194,6 +194,24 @@ extension Qcow2Image {
         }
     }
 
+    /// Writes every dirty L2 table back to the file (QEMU's L2 cache is
+    /// writeback too). Refcounts are written through at allocation time, so
+    /// whatever a table references already has its refcount on disk.
+    func writebackL2Locked() async throws(BlockError) {
+        guard l2Cache.dirtyCount > 0 else { return }
+        for (off, buf, range) in l2Cache.dirtyEntries() {
+            try await writeTableRange(buf, at: off, range)
+            l2Cache.markClean(off)
+        }
+    }
+
+    /// Bounds the amount of unwritten metadata.
+    func writebackIfNeededLocked() async throws(BlockError) {
+        if l2Cache.dirtyCount > max(8, l2Cache.capacity / 2) {
+            try await writebackL2Locked()
+        }
+    }
+
     /// fdatasync, unless the image was opened with cache.no-flush.
     func barrier() async throws(BlockError) {
         if !options.noFlush { try await file.flush() }
@@ -237,6 +255,7 @@ extension Qcow2Image {
     func refillReserve(want: Int64) async throws(BlockError) {
         if !pendingFrees.isEmpty {
             // Make the L2 updates that dropped these clusters durable, then reuse them.
+            try await writebackL2Locked()
             try await barrier()
             try await applyFreesLocked(durable: true)
         }
@@ -298,6 +317,9 @@ extension Qcow2Image {
         for f in pendingFrees {
             if force || ioGate.isClear(upTo: f.epoch) { ready.append(f) } else { keep.append(f) }
         }
+        guard !ready.isEmpty else { return }
+        // The L2 updates that dropped these references must be on disk first.
+        try await writebackL2Locked()
         pendingFrees = keep
         let cs = Int64(geo.clusterSize)
         for f in ready {

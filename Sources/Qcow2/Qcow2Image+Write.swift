@@ -307,13 +307,14 @@ extension Qcow2Image {
                 cur.setL2Entry(idx0 + i, geo, UInt64(host + Int64(i) * cs) | Qcow2.oflagCopied)
                 if geo.extendedL2 { cur.setL2Bitmap(idx0 + i, geo, Qcow2Image.allAllocBitmap) }
             }
-            try await writeTableRange(cur, at: curOff, (idx0 * geo.l2EntrySize)..<((idx0 + Int(n)) * geo.l2EntrySize))
+            l2Cache.markDirty(curOff, (idx0 * geo.l2EntrySize)..<((idx0 + Int(n)) * geo.l2EntrySize))
         } catch {
             removeInflight(ev)
             throw error
         }
         removeInflight(ev)
         for (off, len) in oldRanges { try await freeAfterUnref(off, len) }
+        try await writebackIfNeededLocked()
         return Int(writeEnd - guest)
     }
 
@@ -377,7 +378,8 @@ extension Qcow2Image {
         }
         cur.setL2Entry(idx, geo, newEntry)
         cur.setL2Bitmap(idx, geo, newBitmap)
-        try await writeTableRange(cur, at: curOff, (idx * geo.l2EntrySize)..<((idx + 1) * geo.l2EntrySize))
+        l2Cache.markDirty(curOff, (idx * geo.l2EntrySize)..<((idx + 1) * geo.l2EntrySize))
+        try await writebackIfNeededLocked()
         return data.count
     }
 
@@ -441,9 +443,10 @@ extension Qcow2Image {
                 }
                 _ = i0
                 if hi > lo {
-                    try await writeTableRange(table, at: off, (lo * geo.l2EntrySize)..<(hi * geo.l2EntrySize))
+                    l2Cache.markDirty(off, (lo * geo.l2EntrySize)..<(hi * geo.l2EntrySize))
                 }
                 for (o, l) in frees { try await freeAfterUnref(o, l) }
+                try await writebackIfNeededLocked()
                 lock.unlock()
             } catch {
                 lock.unlock()
@@ -620,7 +623,8 @@ extension Qcow2Image {
         }
         cur.setL2Entry(idx, geo, geo.compressedEntry(host: host, length: n))
         cur.setL2Bitmap(idx, geo, 0)
-        try await writeTableRange(cur, at: curOff, (idx * geo.l2EntrySize)..<((idx + 1) * geo.l2EntrySize))
+        l2Cache.markDirty(curOff, (idx * geo.l2EntrySize)..<((idx + 1) * geo.l2EntrySize))
+        try await writebackIfNeededLocked()
     }
 
     /// Byte-granular allocation for compressed clusters (QEMU's alloc_bytes):

@@ -339,6 +339,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
 
     public func flush() async throws(BlockError) {
         if options.readOnly { return }
+        try await lock.withLock { () async throws(BlockError) in
+            try await writebackL2Locked()
+        }
         try await file.flush()
         try await lock.withLock { () async throws(BlockError) in
             try await applyFreesLocked(durable: true)
@@ -352,6 +355,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
             await lock.lock()
             do throws(BlockError) {
                 if !closed {
+                    try await writebackL2Locked()
                     try await releaseReserveLocked()
                     try await file.flush()
                     try await applyFreesLocked(durable: true, force: true)
