@@ -25,6 +25,8 @@ public struct ImageOpenOptions: Sendable {
     public var unmap = false
     /// Take QEMU-compatible image locks.
     public var locking = true
+    /// Metadata only: no guest I/O (qemu-img info).
+    public var noIO = false
     public init() {}
 }
 
@@ -40,6 +42,7 @@ public enum ImageOpener {
         try await file.read(at: 0, into: buf.slice(0, Int(min(512, file.length))))
         let p = UnsafeRawPointer(buf.pointer)
         if p.loadBE32(0) == Qcow2.magic && p.loadBE32(4) >= 2 { return "qcow2" }
+        if p.loadBE32(0) == Qcow2.magic && p.loadBE32(4) == 1 && file.length >= 48 { return "qcow" }
         return "raw"
     }
 
@@ -75,6 +78,9 @@ public enum ImageOpener {
             throw BlockError(.notSupported, errno: 95, "Unknown protocol '\(filename.prefix { $0 != ":" })'")
         }
         let path = filename.hasPrefix("file:") ? String(filename.dropFirst(5)) : filename
+        if path.isEmpty {
+            throw BlockError.invalid("The 'file' block driver requires a file name")
+        }
         if let id = identity(path) {
             if visited.contains(where: { $0 == id }) {
                 throw BlockError.invalid("Backing file '\(path)' creates an infinite loop.")
@@ -106,10 +112,23 @@ public enum ImageOpener {
                 try? await fileNode.close()
                 throw error
             }
+            if format == "raw" && !options.readOnly {
+                FileHandleStderr.write("""
+                    WARNING: Image format was not specified for '\(filename)' and probing guessed raw.
+                             Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+                             Specify the 'raw' format explicitly to remove the restrictions.
+
+                    """)
+            }
         }
         switch format {
         case "raw":
-            return BlockNode(driver: RawDriver(file: fileNode), filename: path, readOnly: options.readOnly)
+            let probed = options.format == nil
+            return BlockNode(driver: RawDriver(file: fileNode, probed: probed), filename: path, readOnly: options.readOnly)
+        case "qcow":
+            let e = await QcowV1.validate(fileNode)
+            try? await fileNode.close()
+            throw e
         case "file":
             return fileNode
         case "qcow2":
@@ -117,6 +136,7 @@ public enum ImageOpener {
             qo.readOnly = options.readOnly
             qo.noFlush = options.noFlush
             qo.checkMode = options.checkMode
+            qo.noIO = options.noIO
             let img: Qcow2Image
             do throws(BlockError) {
                 img = try await Qcow2Image.open(file: fileNode, options: qo)
@@ -148,5 +168,23 @@ public enum ImageOpener {
             try? await fileNode.close()
             throw BlockError.invalid("Unknown driver '\(format)'")
         }
+    }
+}
+
+/// The legacy qcow (version 1) format: recognised so its images get QEMU's
+/// header errors, but not opened.
+enum QcowV1 {
+    static func validate(_ file: BlockNode) async -> BlockError {
+        let buf = AlignedBuffer(count: 512, zeroed: true)
+        let n = Int(min(512, file.length))
+        if n > 0 { try? await file.read(at: 0, into: buf.slice(0, n)) }
+        let p = UnsafeRawPointer(buf.pointer)
+        let size = p.loadBE64(24)
+        let clusterBits = buf.bytes[32]
+        let l2Bits = buf.bytes[33]
+        if size <= 1 { return BlockError.invalid("Image size is too small (must be at least 2 bytes)") }
+        if clusterBits < 9 || clusterBits > 16 { return BlockError.invalid("Cluster size must be between 512 and 64k") }
+        if l2Bits < 6 || l2Bits > 13 { return BlockError.invalid("L2 table size must be between 512 and 64k") }
+        return BlockError.unsupported("qcow (version 1) images are not supported; convert them with qemu-img")
     }
 }

@@ -59,7 +59,7 @@ public final class HostFile: Sendable {
         let isDir = (st.st_mode & S_IFMT) == S_IFDIR
         if isDir {
             Sys.close(fd)
-            throw BlockError(.invalidArgument, errno: EISDIR, "Could not open '\(path)': Is a directory")
+            throw BlockError(.invalidArgument, errno: EISDIR, "'file' driver requires '\(path)' to be a regular file")
         }
         let isBlk = (st.st_mode & S_IFMT) == S_IFBLK
         let alignment = flags.direct ? HostFile.probeAlignment(fd) : 1

@@ -41,8 +41,8 @@ enum CheckCommand {
         guard output == "human" || output == "json" else {
             throw ctx.fail("--output must be used with human or json as argument.")
         }
-        try checkFormat(format)
         let filename = opts.operands[0]
+        try checkFormat(format, filename)
         let node = try await openImage(filename, format: format, readOnly: repair.isEmpty, forceShare: forceShare,
                                        cache: cache, noBacking: false, checkMode: true)
         guard let q = node.driver as? Qcow2Image else {

@@ -97,8 +97,10 @@ struct CacheMode {
 
 /// Opens an image for a command, with qemu-img's error phrasing.
 func openImage(_ filename: String, format: String?, readOnly: Bool, forceShare: Bool = false,
-               cache: CacheMode? = nil, noBacking: Bool = false, checkMode: Bool = false) async throws(ToolError) -> BlockNode {
+               cache: CacheMode? = nil, noBacking: Bool = false, checkMode: Bool = false,
+               noIO: Bool = false) async throws(ToolError) -> BlockNode {
     var o = ImageOpenOptions()
+    o.noIO = noIO
     o.format = format
     o.readOnly = readOnly
     o.forceShare = forceShare
@@ -123,10 +125,11 @@ func closeQuietly(_ node: BlockNode?) async {
     try? await n.close()
 }
 
-/// Validates a format name given with -f/-F/-O.
-func checkFormat(_ f: String?) throws(ToolError) {
+/// Validates a format name given with -f for opening `filename`.
+func checkFormat(_ f: String?, _ filename: String? = nil) throws(ToolError) {
     guard let f else { return }
     if !["qcow2", "raw", "file"].contains(f) {
+        if let n = filename { throw ToolError(message: "Could not open '\(n)': Unknown driver '\(f)'") }
         throw ToolError(message: "Unknown file format '\(f)'")
     }
 }

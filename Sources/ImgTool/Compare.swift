@@ -44,8 +44,8 @@ enum CompareCommand {
         let node1: BlockNode
         let node2: BlockNode
         do throws(ToolError) {
-            try checkFormat(fmt1)
-            try checkFormat(fmt2)
+            try checkFormat(fmt1, name1)
+            try checkFormat(fmt2, name2)
             node1 = try await openImage(name1, format: fmt1, readOnly: true, forceShare: forceShare, cache: cache)
         } catch {
             throw ToolError(message: error.message, exitCode: 2)

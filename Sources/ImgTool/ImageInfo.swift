@@ -34,6 +34,7 @@ struct ImageInfo {
             let h = await q.currentHeader()
             info.clusterSize = Int64(h.clusterSize)
             info.dirty = h.isDirty
+            info.encrypted = h.cryptMethod != 0
             if let b = h.backingFile, !b.isEmpty {
                 info.backingFilename = b
                 info.fullBackingFilename = ImageOpener.resolveBackingPath(b, overlay: node.filename)
@@ -67,6 +68,11 @@ struct ImageInfo {
             m.append(("bitmaps", .array(list)))
         }
         m.append(("refcount-bits", .int(Int64(h.refcountBits))))
+        if h.cryptMethod == 1 {
+            m.append(("encrypt", .object([("format", .string("aes"))])))
+        } else if h.cryptMethod == 2 {
+            m.append(("encrypt", .object([("format", .string("luks"))])))
+        }
         m.append(("corrupt", .bool(h.isCorrupt)))
         m.append(("extended-l2", .bool(h.extendedL2)))
         m.append(("compression-type", .string(CompressionType(rawValue: h.compressionType)?.name ?? "zlib")))

@@ -29,8 +29,8 @@ enum InfoCommand {
         guard output == "human" || output == "json" else {
             throw ctx.fail("--output must be used with human or json as argument.")
         }
-        try checkFormat(format)
         let filename = opts.operands[0]
+        try checkFormat(format, filename)
         // Like qemu-img, open each image on its own without its backing
         // file; with --backing-chain follow the backing names one by one.
         var infos: [ImageInfo] = []
@@ -41,7 +41,7 @@ enum InfoCommand {
                 throw ctx.fail("Backing file '\(name)' creates an infinite loop.")
             }
             seen.insert(name)
-            let node = try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, noBacking: true)
+            let node = try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, noBacking: true, noIO: true)
             let info = await ImageInfo.collect(node)
             await closeQuietly(node)
             infos.append(info)

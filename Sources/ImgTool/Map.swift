@@ -42,8 +42,8 @@ enum MapCommand {
             case "f": format = v
             case "output": output = v!
             case "U": forceShare = true
-            case "s": start = try cvtnum("offset", v!)
-            case "l": maxLength = try cvtnum("length", v!)
+            case "s": start = try cvtnum("start offset", v!)
+            case "l": maxLength = try cvtnum("max length", v!)
             default: break
             }
         }
@@ -51,13 +51,15 @@ enum MapCommand {
         guard output == "human" || output == "json" else {
             throw ctx.fail("--output must be used with human or json as argument.")
         }
-        try checkFormat(format)
         let filename = opts.operands[0]
+        try checkFormat(format, filename)
         let node = try await openImage(filename, format: format, readOnly: true, forceShare: forceShare)
         var length = node.length
         if maxLength != -1 { length = min(start + maxLength, length) }
         if output == "human" {
             out(pad("Offset", 16, left: true) + pad("Length", 16, left: true) + pad("Mapped to", 16, left: true) + "File\n")
+        } else {
+            out("[")
         }
         var curr = Entry(start: start, length: 0, data: false, zero: false, present: false, depth: 0)
         var first = true
@@ -82,7 +84,6 @@ enum MapCommand {
         }
         if failure == nil, let e = dump(curr, output, first: &first, last: true) { failure = ctx.fail(e) }
         if let f = failure {
-            if output == "json" && !first { outln("]") }
             await closeQuietly(node)
             throw f
         }
@@ -113,7 +114,7 @@ enum MapCommand {
             }
             return nil
         }
-        var s = first ? "[" : ""
+        var s = ""
         first = false
         s += "{ \"start\": \(e.start), \"length\": \(e.length), \"depth\": \(e.depth), \"present\": \(e.present), \"zero\": \(e.zero), \"data\": \(e.data)"
         if let o = e.offset { s += ", \"offset\": \(o)" }

@@ -136,7 +136,7 @@ extension Qcow2Image {
         guard size > 0 else { return }
         let fileLen = file.length
         if offset + size - fileLen >= Int64(geo.clusterSize) {
-            res.messages.append("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset \(hex(offset)) size \(hex(size))")
+            res.messages.append("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(offset, radix: 16)) size 0x\(String(size, radix: 16))")
             res.corruptions += 1
             return
         }
@@ -222,10 +222,11 @@ extension Qcow2Image {
             let b = try await readTableRaw(l1Offset, l1Size * 8)
             table = (0..<l1Size).map { b.be64($0) }
         }
-        var nextContiguous: Int64 = 0
         for e in table {
             let l2 = Int64(e & Qcow2.l1OffsetMask)
             if l2 == 0 { continue }
+            // QEMU counts fragmentation within each L2 table.
+            var nextContiguous: Int64 = 0
             countRange(&c, &res, l2, cs)
             if l2 % cs != 0 {
                 res.messages.append("ERROR l2_offset=\(String(l2, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
@@ -364,11 +365,19 @@ extension Qcow2Image {
         let cs = Int64(geo.clusterSize)
         let e = refblockEntries
         var firstFree: Int64 = 0
+        // Never place the new structures over metadata the references could
+        // not count (an L1 table past the end of the file, say).
+        buildMetadataSet()
+        let reserved = metadataClusters ?? []
+        // Metadata past the end of the file was not counted; the new
+        // structures may extend the file over it, so count it now.
+        let fileClusters = divRoundUp(file.length, cs)
+        for r in reserved where r >= fileClusters && c.get(r) == 0 { c.add(r) }
         func allocate(_ n: Int64, _ c: inout ReferenceCounter) -> Int64 {
             var start = firstFree
             while true {
                 var ok = true
-                for k in 0..<n where c.get(start + k) != 0 {
+                for k in 0..<n where c.get(start + k) != 0 || reserved.contains(start + k) {
                     ok = false
                     start = start + k + 1
                     break

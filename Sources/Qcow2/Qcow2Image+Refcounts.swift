@@ -387,8 +387,9 @@ extension Qcow2Image {
     }
 }
 
+/// printf("%#" PRIx64): "0" for zero, "0x..." otherwise.
 @inline(never)
-func hex(_ v: Int64) -> String { "0x" + String(v, radix: 16) }
+func hex(_ v: Int64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }
 
 @inline(never)
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+func hex(_ v: UInt64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }

@@ -13,6 +13,9 @@ public struct Qcow2OpenOptions: Sendable {
     public var repairDirty = true
     /// L2 cache size in bytes (default: enough to map the whole image, up to 32 MiB).
     public var l2CacheBytes: Int?
+    /// Metadata only (qemu-img info): no guest I/O will follow, so an
+    /// encrypted image may be opened without its key.
+    public var noIO = false
     public init() {}
 }
 
@@ -72,6 +75,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// Next free byte in the cluster used for compressed data (0 = none).
     var compressedFreeByte: Int64 = 0
     var markedDirty = false
+    var bitmapsMarkedInUse = false
     var corruptionSignalled = false
     var metadataPreallocation: Bool?
     var snapshots: [Qcow2Snapshot] = []
@@ -216,8 +220,11 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         if h.refcountOrder > 6 {
             throw BlockError.invalid("Reference count entry width too large; may not exceed 64 bits")
         }
-        if h.cryptMethod != 0 {
-            throw BlockError(.notSupported, errno: 95, "Encrypted qcow2 images are not supported")
+        if h.cryptMethod > 2 {
+            throw BlockError(.notSupported, errno: 95, "Unsupported encryption method \(h.cryptMethod)")
+        }
+        if h.cryptMethod != 0 && !options.noIO {
+            throw BlockError.invalid("Parameter 'encrypt.key-secret' is required for cipher")
         }
         if h.refcountTableClusters == 0 && !options.checkMode {
             throw BlockError.invalid("Image does not contain a reference count table")
@@ -333,6 +340,34 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         }
         if closed { throw BlockError(.io, errno: 5, "Image is closed") }
         try await markDirtyIfNeededLocked()
+        if !bitmapsMarkedInUse { try await markBitmapsInUseLocked() }
+    }
+
+    /// Lamina does not track persistent dirty bitmaps yet. Before the first
+    /// guest write, every bitmap is flagged in-use, QEMU's way of saying
+    /// "this bitmap may be stale": QEMU then reports it inconsistent and
+    /// never trusts it, instead of an incremental backup silently missing
+    /// the writes made here.
+    func markBitmapsInUseLocked() async throws(BlockError) {
+        bitmapsMarkedInUse = true
+        guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0, let ext = header.bitmaps, ext.count > 0 else { return }
+        var dir = [UInt8](repeating: 0, count: Int(ext.directorySize))
+        try await Qcow2Image.readBytes(file, &dir, Int64(ext.directoryOffset))
+        var off = 0
+        var changed = false
+        for _ in 0..<ext.count {
+            guard off + 24 <= dir.count else { break }
+            let flags = dir.be32(off + 12)
+            if flags & Qcow2BitmapInfo.flagInUse == 0 {
+                var b = [UInt8](repeating: 0, count: 4)
+                b.putBE32(flags | Qcow2BitmapInfo.flagInUse, 0)
+                try await writeBytes(b, at: Int64(ext.directoryOffset) + Int64(off + 12))
+                changed = true
+            }
+            let entryEnd = off + 24 + Int(dir.be32(off + 20)) + Int(dir.be16(off + 18))
+            off = (entryEnd + 7) & ~7
+        }
+        if changed { try await barrier() }
     }
 
     // MARK: - Flush / close

@@ -4,8 +4,14 @@ import BlockGraph
 /// The `raw` format driver: the guest sees the file's bytes unchanged.
 public final class RawDriver: BlockDriver, Sendable {
     public let file: BlockNode
+    /// The format was probed, not given: like QEMU, refuse writes that would
+    /// make the first sector look like another image format.
+    public let probed: Bool
 
-    public init(file: BlockNode) { self.file = file }
+    public init(file: BlockNode, probed: Bool = false) {
+        self.file = file
+        self.probed = probed
+    }
 
     public var formatName: String { "raw" }
     /// QEMU counts in 512-byte sectors: a raw image's size rounds up.
@@ -19,6 +25,18 @@ public final class RawDriver: BlockDriver, Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws(BlockError) {
+        if probed && offset < 512 && offset + Int64(buffer.count) > 0 {
+            // What would the first sector look like after this write?
+            let sector = AlignedBuffer(count: 512, zeroed: true)
+            try await file.read(at: 0, into: sector.bytes)
+            let from = Int(offset)
+            let n = min(buffer.count, 512 - from)
+            sector.slice(from, n).copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            let p = UnsafeRawPointer(sector.pointer)
+            if p.loadBE32(0) == 0x5146_49fb {
+                throw BlockError(.permissionDenied, errno: 1, "Operation not permitted")
+            }
+        }
         try await file.write(at: offset, from: buffer, flags: flags)
     }
 
