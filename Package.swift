@@ -32,7 +32,7 @@ let package = Package(
         .target(name: "BlockIO", dependencies: ["BlockCore", "CLaminaSys"], swiftSettings: strict),
         .target(name: "BlockGraph", dependencies: ["BlockCore", "BlockIO"], swiftSettings: strict),
         .target(name: "FileDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
-        .target(name: "RawDriver", dependencies: ["BlockCore", "BlockGraph"], swiftSettings: strict),
+        .target(name: "RawDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         .target(name: "Qcow2", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
         .target(
             name: "BlockDrivers",

@@ -7,8 +7,9 @@
     return r == 0 ? value : value + (alignment - r)
 }
 
+/// Overflow-safe ceiling division for non-negative values.
 @inlinable public func divRoundUp(_ value: Int64, _ divisor: Int64) -> Int64 {
-    (value + divisor - 1) / divisor
+    value / divisor + (value % divisor != 0 ? 1 : 0)
 }
 
 @inlinable public func isAligned(_ value: Int64, _ alignment: Int64) -> Bool {

@@ -6,15 +6,31 @@ import Qcow2
 
 /// Creates images (QEMU's bdrv_img_create for raw and qcow2).
 public enum ImageCreator {
-    public static func createRaw(path: String, size: Int64, preallocation: Preallocation) async throws(BlockError) {
+    /// Creates (or empties) a host file for a new image, the way QEMU's file
+    /// driver does: open without truncating, take the write lock (so an
+    /// image someone is using, even this very process, is never clobbered),
+    /// then truncate.
+    public static func createHostFile(_ path: String) throws(BlockError) -> BlockNode {
         let h: HostFile
         do throws(BlockError) {
-            h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
+            h = try HostFile.open(path, .init(readOnly: false, create: true))
         } catch {
+            let detail = error.errno == 21 ? "Is a directory" : errnoString(error.errno)
+            throw BlockError(error.kind, errno: error.errno, "Could not create '\(path)': \(detail)")
+        }
+        do throws(BlockError) {
+            try ImageLock.writer.apply(to: h)
+            try h.truncate(to: 0)
+        } catch {
+            h.close()
             throw error
         }
         let d = try FileDriver(host: h)
-        let node = BlockNode(driver: d, filename: path, readOnly: false)
+        return BlockNode(driver: d, filename: path, readOnly: false)
+    }
+
+    public static func createRaw(path: String, size: Int64, preallocation: Preallocation) async throws(BlockError) {
+        let node = try createHostFile(path)
         do throws(BlockError) {
             try await node.truncate(to: size, preallocation: preallocation == .metadata ? .off : preallocation)
             try await node.flush()
@@ -29,9 +45,7 @@ public enum ImageCreator {
     /// (its size is the default image size) unless `unsafe` is set.
     public static func createQcow2(path: String, options: Qcow2CreateOptions) async throws(BlockError) {
         try options.validate()
-        let h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
-        let d = try FileDriver(host: h)
-        let fileNode = BlockNode(driver: d, filename: path, readOnly: false)
+        let fileNode = try createHostFile(path)
         do throws(BlockError) {
             try await Qcow2Creator.create(file: fileNode, options: options)
         } catch {

@@ -1,4 +1,5 @@
 import BlockCore
+import BlockIO
 
 /// What a driver reports for a range, for this layer only (QEMU's
 /// `bdrv_co_block_status`): return `allocated == false` (and no data/zero) to
@@ -98,6 +99,11 @@ public protocol BlockDriver: AnyObject, Sendable {
     func flush() async throws(BlockError)
     /// Status of this layer only, starting at `offset`, for at most `length` bytes.
     func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus
+    /// Writes bytes taken from a host file, if the driver can do it without
+    /// a bounce buffer; false means "not supported here, use a buffer". Same
+    /// preconditions as `write`.
+    func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
+                flags: WriteFlags) async throws(BlockError) -> Bool
     /// Changes the size (growing or shrinking); a grown range is
     /// preallocated as `preallocation` says.
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError)
@@ -110,6 +116,8 @@ public extension BlockDriver {
     var memoryAlignment: Int { 1 }
     var growable: Bool { false }
     var supportsBacking: Bool { false }
+    func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
+                flags: WriteFlags) async throws(BlockError) -> Bool { false }
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {
         throw .unsupported("Image format driver does not support resize")
     }

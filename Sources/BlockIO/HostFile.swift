@@ -112,6 +112,32 @@ public final class HostFile: Sendable {
         try Sys.pwrite(fd, buffer, offset).get()
     }
 
+    /// Copies `length` bytes from `source` at `sourceOffset` to this file at
+    /// `offset` inside the kernel (copy_file_range). Returns false, having
+    /// copied nothing, where the kernel cannot do it for these files;
+    /// bytes past the source's end are written as zeroes.
+    public func copyIn(from source: HostFile, sourceOffset: Int64, at offset: Int64, length: Int) throws(BlockError) -> Bool {
+        if direct || source.direct { return false }
+        var done = 0
+        while done < length {
+            let r = lamina_copy_file_range(source.fd, sourceOffset + Int64(done), fd, offset + Int64(done), length - done)
+            if r > 0 {
+                done += r
+                continue
+            }
+            if r == 0 {
+                // Source EOF: the rest reads as zeroes.
+                let zeros = AlignedBuffer(count: length - done, zeroed: true)
+                try write(UnsafeRawBufferPointer(zeros.bytes), at: offset + Int64(done))
+                return true
+            }
+            let e = Int32(-r)
+            if done == 0 && (e == EXDEV || e == EINVAL || e == ENOSYS || e == EOPNOTSUPP || e == EBADF) { return false }
+            throw BlockError.posix(e)
+        }
+        return true
+    }
+
     public func size() throws(BlockError) -> Int64 {
         if isBlockDevice {
             let r = lamina_blkdev_size(fd)

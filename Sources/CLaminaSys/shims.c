@@ -134,3 +134,12 @@ int lamina_stat_identity(const char *path, uint64_t *dev, uint64_t *ino) {
     *ino = (uint64_t)st.st_ino;
     return 0;
 }
+
+ssize_t lamina_copy_file_range(int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len) {
+    loff_t in = (loff_t)off_in, out = (loff_t)off_out;
+    for (;;) {
+        ssize_t r = copy_file_range(fd_in, &in, fd_out, &out, len, 0);
+        if (r >= 0) return r;
+        if (errno != EINTR) return -errno;
+    }
+}

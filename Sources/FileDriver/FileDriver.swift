@@ -70,6 +70,14 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
         if flags.contains(.fua) && !noFlush { try host.dataSync() }
     }
 
+    public func copyIn(at offset: Int64, from source: HostFile, sourceOffset: Int64, length: Int,
+                       flags: WriteFlags) async throws(BlockError) -> Bool {
+        guard try host.copyIn(from: source, sourceOffset: sourceOffset, at: offset, length: length) else { return false }
+        grow(to: offset + Int64(length))
+        if flags.contains(.fua) && !noFlush { try host.dataSync() }
+        return true
+    }
+
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
         let end = offset + length
         let cur = exactSize

@@ -39,7 +39,7 @@ public struct ImageLock: Sendable, Equatable {
     static let permBase: Int64 = 100
     static let sharedBase: Int64 = 200
 
-    func apply(to file: HostFile) throws(BlockError) {
+    public func apply(to file: HostFile) throws(BlockError) {
         for bit in 0..<4 {
             let p = Permissions(rawValue: 1 << UInt8(bit))
             if perm.contains(p) {

@@ -134,11 +134,3 @@ func checkFormat(_ f: String?, _ filename: String? = nil) throws(ToolError) {
     }
 }
 
-/// Creates (or truncates) a host file and returns it as a writable file node.
-enum HostFileOpener {
-    static func create(_ path: String) throws(BlockError) -> BlockNode {
-        let h = try HostFile.open(path, .init(readOnly: false, create: true, truncate: true))
-        let d = try FileDriver(host: h)
-        return BlockNode(driver: d, filename: path, readOnly: false)
-    }
-}

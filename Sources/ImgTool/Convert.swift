@@ -39,6 +39,7 @@ enum ConvertCommand {
         var forceShare = false
         var targetIsZero = false
         var snapshot: String?
+        var copyRange = false
         for (k, v) in opts.options {
             switch k {
             case "h": outln(LaminaImg.helpText(ctx.progName)); return 0
@@ -46,7 +47,7 @@ enum ConvertCommand {
             case "O": outFmt = v
             case "B": baseImage = v
             case "F": baseFormat = v
-            case "C": break
+            case "C": copyRange = true
             case "c": compressed = true
             case "o":
                 if !CreateOptions.wantsHelp(v!) && CreateOptions.splitList(v!) == nil {
@@ -98,7 +99,8 @@ enum ConvertCommand {
                                    outFormat: outFormat, cache: cache, srcMode: srcMode, baseImage: baseImage,
                                    baseFormat: baseFormat, optionList: optionList, compressed: compressed,
                                    skipCreate: skipCreate, minSparse: minSparse, workers: workers, inOrder: inOrder,
-                                   forceShare: forceShare, targetIsZero: targetIsZero, snapshot: snapshot, progress: prog)
+                                   forceShare: forceShare, targetIsZero: targetIsZero, snapshot: snapshot, progress: prog,
+                                   copyRange: copyRange)
         if result == nil { prog.advance(100, max: 0) }
         prog.end()
         if let e = result { throw e }
@@ -110,7 +112,8 @@ enum ConvertCommand {
     static func convert(ctx: ToolContext, sourcesNames: [String], outName: String, fmt: String?, outFormat: String,
                         cache: String, srcMode: CacheMode, baseImage: String?, baseFormat: String?, optionList: String?,
                         compressed: Bool, skipCreate: Bool, minSparse: Int64, workers: Int, inOrder: Bool,
-                        forceShare: Bool, targetIsZero: Bool, snapshot: String?, progress: Progress) async -> ToolError? {
+                        forceShare: Bool, targetIsZero: Bool, snapshot: String?, progress: Progress,
+                        copyRange: Bool = false) async -> ToolError? {
         var sources: [BlockNode] = []
         var target: BlockNode?
         func cleanup() async {
@@ -125,7 +128,8 @@ enum ConvertCommand {
                 sources.append(try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, cache: srcMode))
             }
             if let s = snapshot {
-                throw ToolError(message: "Failed to load snapshot: Block format '\(sources[0].formatName)' used by device '' does not support temporarily loading internal snapshots (\(s))")
+                _ = s
+                throw ToolError(message: "Failed to load snapshot: Block format '\(sources[0].formatName)' used by device '' does not support temporarily loading internal snapshots")
             }
             let totalSectors = sources.reduce(Int64(0)) { $0 + ($1.length + 511) / 512 }
             var targetHasBacking = false
@@ -199,9 +203,17 @@ enum ConvertCommand {
                                            targetBackingSectors: targetBackingSectors, hasZeroInit: hasZeroInit,
                                            compressed: compressed, minSparse: minSparse, alignment: alignment,
                                            bufSectors: bufSectors, clusterSectors: max(clusterSectors, 1),
-                                           inOrder: inOrder, workers: workers)
-            let engine = ConvertEngine(cfg, progress: progress)
-            let pool = IOThreadPool(count: workers, name: "convert")
+                                           inOrder: inOrder, workers: workers,
+                                           copyOffload: !mode.direct && !srcMode.direct && !compressed)
+            var engineConfig = cfg
+            engineConfig.copyRange = copyRange
+            let engine = ConvertEngine(engineConfig, progress: progress)
+            // Workers are requests, not threads: blocking host I/O needs no
+            // more threads than cores to keep the CPUs and the disk busy.
+            // O_DIRECT requests block for the device, so there every request
+            // gets a thread; page-cache copies are CPU bound.
+            let pool = IOThreadPool(count: mode.direct || srcMode.direct ? workers : ioThreadCount(workers: workers),
+                                    name: "convert")
             let ok = await engine.run(pool: pool)
             pool.shutdown()
             if !ok {
@@ -237,4 +249,10 @@ enum ConvertCommand {
         }
         return parts.isEmpty ? nil : parts.joined(separator: ",")
     }
+}
+
+/// Threads for `workers` parallel requests (LAMINA_IOTHREADS overrides).
+func ioThreadCount(workers: Int) -> Int {
+    if let s = getenv("LAMINA_IOTHREADS"), let n = Int(String(cString: s)), n > 0 { return min(n, workers) }
+    return min(workers, max(2, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 }

@@ -4,6 +4,7 @@ import Glibc
 import BlockCore
 import BlockGraph
 import BlockIO
+import FileDriver
 import Qcow2
 import Synchronization
 
@@ -26,6 +27,11 @@ final class ConvertEngine: @unchecked Sendable {
         var clusterSectors: Int64
         var inOrder: Bool
         var workers: Int
+        /// Copy data inside the kernel (copy_file_range) where source and
+        /// target are host files in the page cache.
+        var copyOffload: Bool
+        /// -C: data ranges are copied as they are, without zero detection.
+        var copyRange = false
     }
 
     let cfg: Config
@@ -38,19 +44,23 @@ final class ConvertEngine: @unchecked Sendable {
     private var sectorNum: Int64 = 0
     private var sectorNextStatus: Int64 = 0
     private var status: ChunkStatus = .data
+    /// Where the current status run's data lives in a host file, if it is
+    /// plain data there (start sector of the run, file, host offset).
+    private var runStart: Int64 = 0
+    private var runHost: HostFile?
+    private var runHostOffset: Int64 = 0
 
     // Shared counters and errors.
     private struct Shared {
         var failed = false
         var allocatedSectors: Int64 = 0
         var allocatedDone: Int64 = 0
-        var wrOffs: Int64 = 0
-        var waiters: [Int64: UnsafeContinuation<Void, Never>] = [:]
         var messages: [String] = []
     }
     private let shared = Mutex(Shared())
     private let progress: Progress
     private let progressLock = Mutex(())
+    private let writer = OrderedWriter()
 
     init(_ cfg: Config, progress: Progress) {
         self.cfg = cfg
@@ -96,6 +106,13 @@ final class ConvertEngine: @unchecked Sendable {
             let tail = (sector - base + n) % sourceAlignment[src]
             if n > tail { n -= tail }
             let f = st.status.flags
+            runHost = nil
+            if cfg.copyOffload && f.contains(.data) && f.contains(.offsetValid) && !f.contains(.zero),
+               let fd = st.status.hostNode?.driver as? FileDriver {
+                runStart = sector
+                runHost = fd.host
+                runHostOffset = st.status.hostOffset
+            }
             if f.contains(.zero) {
                 status = postBackingZero ? .backing : .zero
             } else if f.contains(.data) {
@@ -162,9 +179,6 @@ final class ConvertEngine: @unchecked Sendable {
         shared.withLock { s in
             s.failed = true
             s.messages.append(message)
-            // Wake everybody waiting for their turn so they can stop.
-            for (_, c) in s.waiters { c.resume() }
-            s.waiters.removeAll()
         }
     }
 
@@ -188,6 +202,7 @@ final class ConvertEngine: @unchecked Sendable {
             }
             let sector = sectorNum
             var st = status
+            let host = runHost.map { ($0, runHostOffset + (sector - runStart) * 512) }
             if cfg.minSparse == 0 && st == .zero { n = min(n, cfg.bufSectors) }
             sectorNum += n
             planLock.unlock()
@@ -201,6 +216,22 @@ final class ConvertEngine: @unchecked Sendable {
                     progress.advance(Float(100.0 * Double(done) / Double(max(total, 1))), max: 0)
                 }
             }
+            if st == .data, let (file, hostOffset) = host, let mapping = HostMapping(file, hostOffset, Int(n * 512)) {
+                // Fast path: zero detection on the mapped page cache, data
+                // copied by the kernel.
+                let status = st
+                await ordered(sector, n) {
+                    do throws(BlockError) {
+                        try await self.write(sector, n, mapping.pointer, status) { pos, len in
+                            .host(file, offset: hostOffset + Int64(pos), count: len)
+                        }
+                    } catch {
+                        self.report("error while writing at byte \(sector * 512): \(errnoString(error.errno))")
+                    }
+                }
+                mapping.unmap()
+                continue
+            }
             if st == .data {
                 do throws(BlockError) {
                     try await readSources(sector, n, buf)
@@ -211,35 +242,29 @@ final class ConvertEngine: @unchecked Sendable {
                 st = .data
                 buf.slice(0, Int(n * 512)).zeroFill()
             }
-            if cfg.inOrder { await waitTurn(sector) }
-            if !failed {
+            let status = st
+            await ordered(sector, n) {
                 do throws(BlockError) {
-                    try await write(sector, n, buf, st)
+                    try await self.write(sector, n, UnsafeRawPointer(buf.pointer), status) { pos, len in
+                        .memory(UnsafeRawBufferPointer(buf.slice(pos, len)))
+                    }
                 } catch {
-                    report("error while writing at byte \(sector * 512): \(errnoString(error.errno))")
+                    self.report("error while writing at byte \(sector * 512): \(errnoString(error.errno))")
                 }
             }
-            if cfg.inOrder { finishTurn(sector + n) }
         }
     }
 
-    private func waitTurn(_ sector: Int64) async {
-        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
-            let now = shared.withLock { s -> Bool in
-                if s.wrOffs == sector || s.failed { return true }
-                s.waiters[sector] = c
-                return false
-            }
-            if now { c.resume() }
+    /// Runs `work` (the write of sectors [sector, sector+n)) in sector
+    /// order unless out-of-order writes were allowed. Whoever finds the
+    /// next chunk ready performs it and then every following ready chunk,
+    /// so consecutive writes need no thread hand-off.
+    private func ordered(_ sector: Int64, _ n: Int64, _ work: @escaping () async -> Void) async {
+        if !cfg.inOrder || failed {
+            if !failed { await work() }
+            return
         }
-    }
-
-    private func finishTurn(_ next: Int64) {
-        let c = shared.withLock { s -> UnsafeContinuation<Void, Never>? in
-            s.wrOffs = next
-            return s.waiters.removeValue(forKey: next)
-        }
-        c?.resume()
+        await writer.submit(OrderedWriter.Job(sector: sector, count: n, run: work, done: AsyncEvent()))
     }
 
     private func readSources(_ sector: Int64, _ count: Int64, _ buf: AlignedBuffer) async throws(BlockError) {
@@ -261,7 +286,10 @@ final class ConvertEngine: @unchecked Sendable {
         }
     }
 
-    private func write(_ sector: Int64, _ count: Int64, _ buf: AlignedBuffer, _ st: ChunkStatus) async throws(BlockError) {
+    /// Writes `count` sectors whose bytes are at `base` (for zero
+    /// detection); `payload(pos, len)` gives the bytes to write.
+    private func write(_ sector: Int64, _ count: Int64, _ base: UnsafeRawPointer, _ st: ChunkStatus,
+                       _ payload: (Int, Int) -> WritePayload) async throws(BlockError) {
         var sec = sector
         var left = count
         var pos = 0
@@ -273,21 +301,20 @@ final class ConvertEngine: @unchecked Sendable {
             case .backing:
                 break
             case .data:
-                let bytes = UnsafeRawBufferPointer(buf.slice(pos, Int(n * 512)))
-                if cfg.minSparse == 0 {
-                    try await writeData(sec, bytes)
+                if cfg.minSparse == 0 || cfg.copyRange {
+                    try await writeData(sec, payload(pos, Int(n * 512)))
                 } else if cfg.compressed {
-                    if !bytes.isAllZero {
-                        try await writeData(sec, bytes)
+                    if !isZeroMemory(base + pos, Int(n * 512)) {
+                        try await writeData(sec, payload(pos, Int(n * 512)))
                     } else {
                         writeZero = true
                     }
                 } else {
-                    let (allocated, run) = ConvertEngine.allocatedSectorsMin(buf.pointer + pos, n, min: cfg.minSparse,
+                    let (allocated, run) = ConvertEngine.allocatedSectorsMin(base + pos, n, min: cfg.minSparse,
                                                                               sector: sec, alignment: cfg.alignment)
                     n = run
                     if allocated {
-                        try await writeData(sec, UnsafeRawBufferPointer(buf.slice(pos, Int(n * 512))))
+                        try await writeData(sec, payload(pos, Int(n * 512)))
                     } else {
                         writeZero = true
                     }
@@ -305,23 +332,23 @@ final class ConvertEngine: @unchecked Sendable {
         }
     }
 
-    private func writeData(_ sector: Int64, _ bytes: UnsafeRawBufferPointer) async throws(BlockError) {
+    private func writeData(_ sector: Int64, _ bytes: WritePayload) async throws(BlockError) {
         let target = cfg.target
         let offset = sector * 512
         // Never write past the target's end (the last source sector may be partial).
         let len = min(Int64(bytes.count), target.length - offset)
         guard len > 0 else { return }
-        let data = UnsafeRawBufferPointer(rebasing: bytes[0..<Int(len)])
-        if cfg.compressed, let q = target.driver as? Qcow2Image {
-            try await q.writeCompressed(at: offset, from: data)
+        let data = bytes.slice(0, Int(len))
+        if cfg.compressed, let q = target.driver as? Qcow2Image, case .memory(let mem) = data {
+            try await q.writeCompressed(at: offset, from: mem)
         } else {
-            try await target.write(at: offset, from: data)
+            try await data.write(to: target, at: offset)
         }
     }
 
     /// qemu-img's is_allocated_sectors: is the first sector non-zero, and
     /// how many sectors share that state (ends aligned to `alignment`).
-    static func allocatedSectors(_ p: UnsafeMutableRawPointer, _ n: Int64, sector: Int64, alignment: Int64) -> (Bool, Int64) {
+    static func allocatedSectors(_ p: UnsafeRawPointer, _ n: Int64, sector: Int64, alignment: Int64) -> (Bool, Int64) {
         if n <= 0 { return (false, 0) }
         let isZero = isZeroMemory(p, 512)
         var i: Int64 = 1
@@ -347,7 +374,7 @@ final class ConvertEngine: @unchecked Sendable {
     }
 
     /// is_allocated_sectors_min: data runs swallow zero runs shorter than `min`.
-    static func allocatedSectorsMin(_ p: UnsafeMutableRawPointer, _ count: Int64, min minimum: Int64,
+    static func allocatedSectorsMin(_ p: UnsafeRawPointer, _ count: Int64, min minimum: Int64,
                                     sector: Int64, alignment: Int64) -> (Bool, Int64) {
         var n = count
         let minRun = Swift.min(minimum, n)
@@ -371,5 +398,77 @@ final class ConvertEngine: @unchecked Sendable {
             }
         }
         return (true, used)
+    }
+}
+
+/// A read-only mapping of part of a host file (page cache), for looking at
+/// data without copying it.
+struct HostMapping {
+    let base: UnsafeMutableRawPointer
+    let mappedLength: Int
+    let pointer: UnsafeRawPointer
+
+    init?(_ file: HostFile, _ offset: Int64, _ length: Int) {
+        let page = Int64(sysconf(Int32(_SC_PAGESIZE)))
+        let start = offset - offset % page
+        let delta = Int(offset - start)
+        // Only what the file really holds can be mapped.
+        guard let size = try? file.size(), offset + Int64(length) <= size, length > 0 else { return nil }
+        let len = delta + length
+        let m = mmap(nil, len, PROT_READ, MAP_SHARED | MAP_POPULATE, file.fd, off_t(start))
+        guard let m, m != MAP_FAILED else { return nil }
+        base = m
+        mappedLength = len
+        pointer = UnsafeRawPointer(m + delta)
+    }
+
+    func unmap() { munmap(base, mappedLength) }
+}
+
+/// Executes write jobs strictly in sector order with a single writer at a
+/// time; the submitting task waits until its own job has run.
+final class OrderedWriter: @unchecked Sendable {
+    /// The job's closure captures its submitter's buffers; the submitter
+    /// keeps them alive by waiting for `done`.
+    struct Job: @unchecked Sendable {
+        let sector: Int64
+        let count: Int64
+        let run: () async -> Void
+        let done: AsyncEvent
+    }
+
+    private struct State {
+        var next: Int64 = 0
+        var pending: [Int64: Job] = [:]
+        var writing = false
+    }
+
+    private let state = Mutex(State())
+
+    func submit(_ job: Job) async {
+        let becameWriter = state.withLock { s -> Bool in
+            s.pending[job.sector] = job
+            if !s.writing && s.pending[s.next] != nil {
+                s.writing = true
+                return true
+            }
+            return false
+        }
+        if becameWriter {
+            while true {
+                let j = state.withLock { s -> Job? in
+                    if let j = s.pending.removeValue(forKey: s.next) {
+                        s.next = j.sector + j.count
+                        return j
+                    }
+                    s.writing = false
+                    return nil
+                }
+                guard let j else { break }
+                await j.run()
+                j.done.signal()
+            }
+        }
+        await job.done.wait()
     }
 }

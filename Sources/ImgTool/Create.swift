@@ -122,14 +122,29 @@ enum CreateCommand {
         var prealloc = Preallocation.off
         if let p = co.value("preallocation") {
             guard let m = Preallocation(rawValue: p) else {
-                throw ToolError(message: "Parameter 'preallocation' does not accept value '\(p)'")
+                throw ToolError(message: "invalid parameter value: \(p)")
             }
-            if m == .metadata { throw ToolError(message: "Unsupported preallocation mode: metadata") }
             prealloc = m
         }
         let node = try createFile(filename)
+        if prealloc == .metadata {
+            try? await node.close()
+            throw ToolError(message: "Unsupported preallocation mode: metadata")
+        }
+        if size > Int64.max - 511 {
+            // QEMU's sector rounding overflows into a negative size here.
+            try? await node.close()
+            throw ToolError(message: "Could not resize file: Invalid argument")
+        }
         do throws(BlockError) {
-            try await node.truncate(to: (size + 511) / 512 * 512, preallocation: prealloc)
+            try await node.truncate(to: roundUpToSector(size), preallocation: prealloc)
+            // Like QEMU, write the first block so that alignment probing of
+            // the new file sees data.
+            let first = Int(min(size, 4096))
+            if first > 0 && prealloc == .off {
+                let zeros = AlignedBuffer(count: first, zeroed: true)
+                try await node.write(at: 0, from: UnsafeRawBufferPointer(zeros.bytes))
+            }
             try await node.flush()
         } catch {
             try? await node.close()
@@ -141,24 +156,22 @@ enum CreateCommand {
 
     static func createFile(_ filename: String) throws(ToolError) -> BlockNode {
         do throws(BlockError) {
-            let h = try HostFileOpener.create(filename)
-            return h
+            return try ImageCreator.createHostFile(filename)
         } catch {
-            throw ToolError(message: "Could not create '\(filename)': \(errnoString(error.errno))")
+            throw ToolError(message: error.message)
         }
     }
 
     static func createQcow2(_ filename: String, size: Int64, _ co: CreateOptions) async throws(ToolError) {
-        let fileNode = try createFile(filename)
-        let o: Qcow2CreateOptions
-        do throws(ToolError) {
-            o = try co.qcow2Options(size: size)
-        } catch {
-            try? await fileNode.close()
-            throw error
-        }
+        // QEMU validates the options before it creates the file.
+        let o = try co.qcow2Options(size: size)
         do throws(BlockError) {
             try o.validate()
+        } catch {
+            throw ToolError(message: error.message)
+        }
+        let fileNode = try createFile(filename)
+        do throws(BlockError) {
             try await Qcow2Creator.create(file: fileNode, options: o)
         } catch {
             try? await fileNode.close()
@@ -184,4 +197,9 @@ enum CreateCommand {
             try? await fileNode.close()
         }
     }
+}
+
+/// Rounds a byte count up to whole sectors without overflowing.
+func roundUpToSector(_ size: Int64) -> Int64 {
+    size > Int64.max - 511 ? size : (size + 511) / 512 * 512
 }

@@ -186,7 +186,7 @@ struct CreateOptions {
     /// checks QEMU makes after printing the Formatting line).
     func qcow2Options(size: Int64) throws(ToolError) -> Qcow2CreateOptions {
         var o = Qcow2CreateOptions()
-        o.size = (size + 511) / 512 * 512
+        o.size = roundUpToSector(size)
         if let c = values["compat"] {
             switch c {
             case "0.10", "v2": o.version = 2

@@ -74,7 +74,13 @@ struct GetOpt {
                 var j = 0
                 while j < letters.count {
                     let c = letters[j]
-                    guard let takesArg = table[c] else { throw .unrecognized(a) }
+                    guard let takesArg = table[c] else {
+                        // GNU getopt has not advanced past this element when the
+                        // bad letter is not its last one: qemu-img then names the
+                        // element before it.
+                        if j < letters.count - 1 && idx >= 2 { throw .unrecognized(args[idx - 2]) }
+                        throw .unrecognized(a)
+                    }
                     if takesArg {
                         if j + 1 < letters.count {
                             options.append((String(c), String(letters[(j + 1)...])))

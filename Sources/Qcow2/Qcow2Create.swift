@@ -176,7 +176,9 @@ extension Qcow2Image {
                 for k in 0..<got {
                     let j = geo.l2Index((i + k) * cs)
                     table.setL2Entry(j, geo, UInt64((hc + k) * cs) | Qcow2.oflagCopied)
-                    if geo.extendedL2 { table.setL2Bitmap(j, geo, Qcow2Image.allAllocBitmap) }
+                    // With subclusters, QEMU reserves the host cluster but leaves
+                    // every subcluster unallocated (the backing file shows through).
+                    if geo.extendedL2 { table.setL2Bitmap(j, geo, 0) }
                 }
                 hostEnd = max(hostEnd, (hc + got) * cs)
                 i += got

@@ -5,7 +5,16 @@ import BlockGraph
 /// with `lock` held.
 extension Qcow2Image {
     var refblockEntries: Int64 { Int64(geo.refblockEntries) }
-    var reserveChunk: Int64 { max(8, min(Int64(geo.refblockEntries), (16 << 20) / Int64(geo.clusterSize))) }
+    /// Clusters to reserve at the next refill: 16 MiB worth at first,
+    /// doubling while the image keeps allocating, up to 1 GiB (or one
+    /// refcount block). Unused reserved clusters are released on close; a
+    /// crash leaves them as refcounts past the end of the file, which
+    /// nothing references and `check` does not even report.
+    var reserveChunk: Int64 {
+        let first = max(8, (16 << 20) / Int64(geo.clusterSize))
+        let most = max(first, min(Int64(geo.refblockEntries), (1 << 30) / Int64(geo.clusterSize)))
+        return min(most, first << Int64(min(reserveRefills, 16)))
+    }
 
     // MARK: - Table I/O
 
@@ -199,6 +208,10 @@ extension Qcow2Image {
     /// whatever a table references already has its refcount on disk.
     func writebackL2Locked() async throws(BlockError) {
         guard l2Cache.dirtyCount > 0 else { return }
+        if refcountsNeedSync {
+            try await barrier()
+            refcountsNeedSync = false
+        }
         for (off, buf, range) in l2Cache.dirtyEntries() {
             try await writeTableRange(buf, at: off, range)
             l2Cache.markClean(off)
@@ -275,7 +288,10 @@ extension Qcow2Image {
                 n += 1
             }
             try await setRefcountRun(c, n, 1)
-            try await barrier()
+            // Durable before any L2 table that references these clusters is
+            // written back (writebackL2Locked), not necessarily now.
+            refcountsNeedSync = true
+            reserveRefills += 1
             reserveStart = c
             reserveCount = n
             freeClusterHint = c + n

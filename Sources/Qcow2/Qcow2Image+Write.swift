@@ -1,5 +1,6 @@
 import BlockCore
 import BlockGraph
+import BlockIO
 import CLaminaSys
 
 /// How one guest cluster is written (QEMU's handle_copied / handle_alloc).
@@ -128,16 +129,28 @@ extension Qcow2Image {
     // MARK: - Write
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws(BlockError) {
+        try await write(at: offset, payload: .memory(buffer), flags: flags)
+    }
+
+    /// Data taken from a host file goes to the host clusters by
+    /// copy_file_range where the file child supports it.
+    public func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
+                       flags: WriteFlags) async throws(BlockError) -> Bool {
+        try await write(at: offset, payload: .host(host, offset: sourceOffset, count: length), flags: flags)
+        return true
+    }
+
+    func write(at offset: Int64, payload: WritePayload, flags: WriteFlags) async throws(BlockError) {
         var done = 0
-        while done < buffer.count {
-            done += try await writeStep(offset + Int64(done), UnsafeRawBufferPointer(rebasing: buffer[done...]))
+        while done < payload.count {
+            done += try await writeStep(offset + Int64(done), payload.slice(done, payload.count - done))
         }
         if flags.contains(.fua) { try await flush() }
     }
 
     /// Writes a prefix of `data` at guest offset `guest` (one run of
     /// clusters of one class) and returns how many bytes it wrote.
-    func writeStep(_ guest: Int64, _ data: UnsafeRawBufferPointer) async throws(BlockError) -> Int {
+    func writeStep(_ guest: Int64, _ data: WritePayload) async throws(BlockError) -> Int {
         let cs = Int64(geo.clusterSize)
         let tableSpan = cs * Int64(geo.l2Entries)
         let limit = min(Int64(data.count), (guest / tableSpan + 1) * tableSpan - guest)
@@ -186,13 +199,13 @@ extension Qcow2Image {
             let epoch = ioGate.enter()
             lock.unlock()
             defer { ioGate.leave(epoch) }
-            try await file.write(at: host, from: UnsafeRawBufferPointer(rebasing: data[0..<Int(len)]))
+            try await data.slice(0, Int(len)).write(to: file, at: host)
             return Int(len)
 
         case .fill(let host):
             let len = e0 - s0
             return try await fillClusterLocked(guest: guest, host: host, table: table, l2Off: l2Off, idx: idx0,
-                                               start: s0, end: e0, data: UnsafeRawBufferPointer(rebasing: data[0..<Int(len)]))
+                                               start: s0, end: e0, data: data.slice(0, Int(len)))
 
         case .allocate:
             var n: Int64 = 1
@@ -212,7 +225,7 @@ extension Qcow2Image {
     /// bytes, then links them into L2. Entered with the lock held; returns
     /// with it released.
     private func allocateAndWriteLocked(guest: Int64, limit: Int64, firstCluster: Int64, count: Int64,
-                                        l2Off: Int64, idx0: Int, data: UnsafeRawBufferPointer) async throws(BlockError) -> Int {
+                                        l2Off: Int64, idx0: Int, data: WritePayload) async throws(BlockError) -> Int {
         let cs = Int64(geo.clusterSize)
         let runStart = firstCluster * cs
         let headLen = guest - runStart
@@ -254,11 +267,11 @@ extension Qcow2Image {
         do throws(BlockError) {
             let dataLen = Int(writeEnd - guest)
             if headLen == 0 && tailLen == 0 {
-                try await file.write(at: host, from: UnsafeRawBufferPointer(rebasing: data[0..<dataLen]))
+                try await data.slice(0, dataLen).write(to: file, at: host)
             } else if n == 1 {
                 let bounce = AlignedBuffer(count: Int(cs))
                 try await readExtents(head, base: runStart, into: bounce.slice(0, Int(headLen)))
-                bounce.slice(Int(headLen), dataLen).copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<dataLen]))
+                try data.slice(0, dataLen).copy(into: bounce.slice(Int(headLen), dataLen))
                 try await readExtents(tail, base: writeEnd, into: bounce.slice(Int(cs - tailLen), Int(tailLen)))
                 try await file.write(at: host, from: UnsafeRawBufferPointer(bounce.bytes))
             } else {
@@ -268,21 +281,21 @@ extension Qcow2Image {
                     let bounce = AlignedBuffer(count: Int(cs))
                     try await readExtents(head, base: runStart, into: bounce.slice(0, Int(headLen)))
                     let part = Int(cs - headLen)
-                    bounce.slice(Int(headLen), part).copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<part]))
+                    try data.slice(0, part).copy(into: bounce.slice(Int(headLen), part))
                     try await file.write(at: hostPos, from: UnsafeRawBufferPointer(bounce.bytes))
                     dataPos = part
                     hostPos += cs
                 }
                 let middleEnd = tailLen > 0 ? dataLen - Int(cs - tailLen) : dataLen
                 if middleEnd > dataPos {
-                    try await file.write(at: hostPos, from: UnsafeRawBufferPointer(rebasing: data[dataPos..<middleEnd]))
+                    try await data.slice(dataPos, middleEnd - dataPos).write(to: file, at: hostPos)
                     hostPos += Int64(middleEnd - dataPos)
                     dataPos = middleEnd
                 }
                 if tailLen > 0 {
                     let bounce = AlignedBuffer(count: Int(cs))
                     let part = dataLen - dataPos
-                    bounce.slice(0, part).copyMemory(from: UnsafeRawBufferPointer(rebasing: data[dataPos..<dataLen]))
+                    try data.slice(dataPos, part).copy(into: bounce.slice(0, part))
                     try await readExtents(tail, base: writeEnd, into: bounce.slice(part, Int(tailLen)))
                     try await file.write(at: hostPos, from: UnsafeRawBufferPointer(bounce.bytes))
                 }
@@ -321,7 +334,7 @@ extension Qcow2Image {
     /// Writes into a reusable host cluster whose touched (sub)clusters need
     /// filling first. Entered with the lock held; returns with it released.
     private func fillClusterLocked(guest: Int64, host: Int64, table: AlignedBuffer, l2Off: Int64, idx: Int,
-                                   start: Int64, end: Int64, data: UnsafeRawBufferPointer) async throws(BlockError) -> Int {
+                                   start: Int64, end: Int64, data: WritePayload) async throws(BlockError) -> Int {
         let cs = Int64(geo.clusterSize)
         let clusterGuest = guest - start
         let entry = table.l2Entry(idx, geo)
@@ -362,7 +375,7 @@ extension Qcow2Image {
         do throws(BlockError) {
             let bounce = AlignedBuffer(count: Int(fillEnd - fillStart))
             try await readExtents(head, base: clusterGuest + fillStart, into: bounce.slice(0, Int(start - fillStart)))
-            bounce.slice(Int(start - fillStart), data.count).copyMemory(from: data)
+            try data.copy(into: bounce.slice(Int(start - fillStart), data.count))
             try await readExtents(tail, base: clusterGuest + end, into: bounce.slice(Int(end - fillStart), Int(fillEnd - end)))
             try await file.write(at: host + fillStart, from: UnsafeRawBufferPointer(bounce.bytes))
         } catch {

@@ -76,6 +76,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     var compressedFreeByte: Int64 = 0
     var markedDirty = false
     var bitmapsMarkedInUse = false
+    /// Refcount increments written since the last barrier.
+    var refcountsNeedSync = false
+    var reserveRefills = 0
     var corruptionSignalled = false
     var metadataPreallocation: Bool?
     var snapshots: [Qcow2Snapshot] = []

@@ -1,5 +1,6 @@
 import BlockCore
 import BlockGraph
+import BlockIO
 
 /// The `raw` format driver: the guest sees the file's bytes unchanged.
 public final class RawDriver: BlockDriver, Sendable {
@@ -42,6 +43,13 @@ public final class RawDriver: BlockDriver, Sendable {
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
         try await file.writeZeroes(at: offset, length: length, flags: flags)
+    }
+
+    public func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
+                       flags: WriteFlags) async throws(BlockError) -> Bool {
+        if probed && offset < 512 { return false }
+        try await file.copyIn(at: offset, from: host, sourceOffset: sourceOffset, length: length, flags: flags)
+        return true
     }
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {

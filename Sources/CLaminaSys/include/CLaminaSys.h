@@ -23,6 +23,8 @@ int lamina_ofd_setlk(int fd, int type, int64_t start, int64_t length);
 int lamina_ofd_getlk(int fd, int type, int64_t start, int64_t length);
 /* stat(2) identity of a path; 0 or -errno. */
 int lamina_stat_identity(const char *path, uint64_t *dev, uint64_t *ino);
+/* copy_file_range(2): bytes copied, 0 at source EOF, or -errno. */
+ssize_t lamina_copy_file_range(int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len);
 /* Block device size in bytes, or -errno. */
 int64_t lamina_blkdev_size(int fd);
 
