@@ -104,6 +104,12 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// preconditions as `write`.
     func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
                 flags: WriteFlags) async throws(BlockError) -> Bool
+    /// Protocol drivers: make the node at least `length` long ahead of
+    /// writes that will fill it (writes inside a file are cheaper for the
+    /// host than writes that extend it). No-op elsewhere.
+    func reserveSpace(upTo length: Int64) async throws(BlockError)
+    /// Undoes `reserveSpace` past the last byte actually written.
+    func releaseUnusedSpace() async throws(BlockError)
     /// Changes the size (growing or shrinking); a grown range is
     /// preallocated as `preallocation` says.
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError)
@@ -116,6 +122,8 @@ public extension BlockDriver {
     var memoryAlignment: Int { 1 }
     var growable: Bool { false }
     var supportsBacking: Bool { false }
+    func reserveSpace(upTo length: Int64) async throws(BlockError) {}
+    func releaseUnusedSpace() async throws(BlockError) {}
     func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
                 flags: WriteFlags) async throws(BlockError) -> Bool { false }
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {

@@ -189,6 +189,16 @@ public final class BlockNode: Sendable {
         try await driver.close()
     }
 
+    public func reserveSpace(upTo length: Int64) async throws(BlockError) {
+        if readOnly { return }
+        try await driver.reserveSpace(upTo: length)
+    }
+
+    public func releaseUnusedSpace() async throws(BlockError) {
+        if readOnly { return }
+        try await driver.releaseUnusedSpace()
+    }
+
     // MARK: - Alignment (O_DIRECT)
 
     private func alignedRange(_ offset: Int64, _ count: Int) -> (Int64, Int) {

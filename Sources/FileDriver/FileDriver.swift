@@ -14,6 +14,10 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     /// discard=unmap: punch holes for discard / unmapping write-zeroes.
     public let unmap: Bool
     private let size: Atomic<Int64>
+    /// End of the data (original size or last written byte), when the file
+    /// was extended ahead of writes by `reserveSpace`.
+    private let dataEnd: Atomic<Int64>
+    private let reserved = Atomic<Bool>(false)
 
     public var formatName: String { "file" }
     /// Like QEMU, the node's length counts whole 512-byte sectors.
@@ -29,7 +33,35 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
         self.host = host
         self.noFlush = noFlush
         self.unmap = unmap
-        self.size = Atomic(try host.size())
+        let s = try host.size()
+        self.size = Atomic(s)
+        self.dataEnd = Atomic(s)
+    }
+
+    public func reserveSpace(upTo length: Int64) async throws(BlockError) {
+        guard !host.isBlockDevice, !host.readOnly, length > size.load(ordering: .relaxed) else { return }
+        try host.truncate(to: length)
+        reserved.store(true, ordering: .relaxed)
+        grow(to: length)
+    }
+
+    public func releaseUnusedSpace() async throws(BlockError) {
+        guard reserved.load(ordering: .relaxed) else { return }
+        let end = dataEnd.load(ordering: .relaxed)
+        if end < size.load(ordering: .relaxed) {
+            try host.truncate(to: end)
+            size.store(end, ordering: .relaxed)
+        }
+        reserved.store(false, ordering: .relaxed)
+    }
+
+    private func noteData(_ end: Int64) {
+        var cur = dataEnd.load(ordering: .relaxed)
+        while end > cur {
+            let (done, orig) = dataEnd.compareExchange(expected: cur, desired: end, ordering: .relaxed)
+            if done { return }
+            cur = orig
+        }
     }
 
     /// Opens `path` as a file node and takes QEMU-compatible image locks
@@ -67,6 +99,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws(BlockError) {
         try host.write(buffer, at: offset)
         grow(to: offset + Int64(buffer.count))
+        noteData(offset + Int64(buffer.count))
         if flags.contains(.fua) && !noFlush { try host.dataSync() }
     }
 
@@ -74,6 +107,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
                        flags: WriteFlags) async throws(BlockError) -> Bool {
         guard try host.copyIn(from: source, sourceOffset: sourceOffset, at: offset, length: length) else { return false }
         grow(to: offset + Int64(length))
+        noteData(offset + Int64(length))
         if flags.contains(.fua) && !noFlush { try host.dataSync() }
         return true
     }
@@ -85,6 +119,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
         if offset >= cur && !host.isBlockDevice {
             try host.truncate(to: end)
             grow(to: end)
+            noteData(end)
             return
         }
         if flags.contains(.mayUnmap) && unmap {
@@ -100,6 +135,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
         do throws(BlockError) {
             try host.zeroRange(offset: offset, length: length)
             grow(to: end)
+            noteData(end)
             return
         } catch {
             if flags.contains(.noFallback) { throw BlockError.unsupported("Zero range not supported") }
@@ -113,6 +149,7 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
             done += Int64(n)
         }
         grow(to: end)
+        noteData(end)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
@@ -179,9 +216,12 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
             try host.truncate(to: length)
         }
         size.store(length, ordering: .relaxed)
+        dataEnd.store(length, ordering: .relaxed)
+        reserved.store(false, ordering: .relaxed)
     }
 
     public func close() async throws(BlockError) {
+        try? await releaseUnusedSpace()
         host.close()
     }
 }

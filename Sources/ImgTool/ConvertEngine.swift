@@ -169,6 +169,7 @@ final class ConvertEngine: @unchecked Sendable {
         if failed { return false }
         if cfg.compressed, let q = cfg.target.driver as? Qcow2Image {
             // Like QEMU, end the file on a sector boundary.
+            try? await q.file.releaseUnusedSpace()
             let len = q.file.length
             try? await q.file.truncate(to: len)
         }

@@ -191,6 +191,8 @@ extension Qcow2Image {
         try await releaseReserveLocked()
         // The file must cover every allocated cluster; falloc/full also
         // reserve or write the host space of the data clusters.
+        // Drop the space reserved ahead of writes, then size the file.
+        try await file.releaseUnusedSpace()
         if hostEnd > file.length {
             try await file.truncate(to: hostEnd, preallocation: mode == .metadata ? .off : mode)
         }

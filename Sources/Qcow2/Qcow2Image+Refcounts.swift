@@ -292,6 +292,10 @@ extension Qcow2Image {
             // written back (writebackL2Locked), not necessarily now.
             refcountsNeedSync = true
             reserveRefills += 1
+            // Data written into the reserve lands inside the file, which the
+            // host handles faster than writes extending it; unused space is
+            // given back on close.
+            try await file.reserveSpace(upTo: (c + n) * Int64(geo.clusterSize))
             reserveStart = c
             reserveCount = n
             freeClusterHint = c + n
