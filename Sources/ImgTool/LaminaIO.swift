@@ -70,6 +70,8 @@ public enum LaminaIO {
                 outln(error.message)
                 status = 1
             }
+            // One line per command as it completes (scripts watch progress).
+            StdoutBuffer.shared.flush()
         }
         StdoutBuffer.shared.flush()
         do throws(BlockError) {
@@ -110,7 +112,8 @@ public enum LaminaIO {
         }
         switch cmd {
         case "flush":
-            do { try await node.flush() } catch { throw ToolError(message: "flush failed: \(error.message)") }
+            do throws(BlockError) { try await node.flush() } catch { throw ToolError(message: "flush failed: \(error.message)") }
+            outln("flushed")
             return
         case "read", "write", "discard":
             break
