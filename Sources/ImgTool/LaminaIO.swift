@@ -4,6 +4,7 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockIO
 import Qcow2
 
 /// `lamina-io`: a qemu-io work-alike for scripting I/O against an image
@@ -11,18 +12,26 @@ import Qcow2
 /// "read [-P pat] off len", "discard off len", "flush".
 public enum LaminaIO {
     public static func main(_ argv: [String]) async -> Int32 {
+        let thread = IOThread(name: "lamina-io")
+        defer { thread.shutdown() }
+        return await withTaskExecutorPreference(thread) {
+            await run(argv)
+        }
+    }
+
+    static func run(_ argv: [String]) async -> Int32 {
         let prog = argv.first.map { String($0.split(separator: "/").last ?? "lamina-io") } ?? "lamina-io"
         ProgName.current = prog
         let ctx = ToolContext(progName: prog)
         do throws(ToolError) {
-            return try await run(Array(argv.dropFirst()), ctx)
+            return try await runCommands(Array(argv.dropFirst()), ctx)
         } catch {
             StdoutBuffer.shared.flush()
             return ctx.report(error)
         }
     }
 
-    static func run(_ args: [String], _ ctx: ToolContext) async throws(ToolError) -> Int32 {
+    static func runCommands(_ args: [String], _ ctx: ToolContext) async throws(ToolError) -> Int32 {
         let opts = try ctx.parse(args, short: "f:c:rnUt:", long: [
             .init(name: "format", hasArgument: true, key: "f"), .init(name: "cmd", hasArgument: true, key: "c"),
             .init(name: "read-only", hasArgument: false, key: "r"), .init(name: "nocache", hasArgument: false, key: "n"),

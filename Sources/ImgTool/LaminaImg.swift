@@ -1,6 +1,18 @@
+import BlockIO
+
 /// `lamina-img`: qemu-img 7.2's command line over the Lamina block layer.
 public enum LaminaImg {
+    /// Runs the command on a dedicated I/O thread: its file syscalls block,
+    /// which the cooperative pool must never do.
     public static func main(_ argv: [String]) async -> Int32 {
+        let thread = IOThread(name: "lamina-img")
+        defer { thread.shutdown() }
+        return await withTaskExecutorPreference(thread) {
+            await run(argv)
+        }
+    }
+
+    static func run(_ argv: [String]) async -> Int32 {
         let prog = argv.first.map { String($0.split(separator: "/").last ?? "lamina-img") } ?? "lamina-img"
         ProgName.current = prog
         let ctx = ToolContext(progName: prog)
