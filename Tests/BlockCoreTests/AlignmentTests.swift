@@ -32,8 +32,8 @@ struct AlignmentTests {
         #expect(divRoundUp(m, m - 1) == 2)
         #expect(divRoundUp(m, 4096) == 1 << 51)
         #expect(divRoundUp(m, 1 << 62) == 2)
-        #expect(divRoundUp(m - 4095, 4096) == 1 << 51)  // 2^63-4096 is aligned
-        #expect(divRoundUp(m - 4096, 4096) == 1 << 51)
+        #expect(divRoundUp(m - 4095, 4096) == (1 << 51) - 1)  // 2^63-4096 = 4096 * (2^51-1)
+        #expect(divRoundUp(m - 4096, 4096) == (1 << 51) - 1)
         #expect(divRoundUp(m, 3) == m / 3 + 1)
     }
 

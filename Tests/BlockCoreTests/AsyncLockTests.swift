@@ -9,13 +9,22 @@ private final class UnsafeCounter: @unchecked Sendable {
     var value = 0
 }
 
+/// Shared test state (atomics and mutexes cannot be captured by escaping closures directly).
+private final class Shared<T: Sendable>: Sendable {
+    let a = Atomic<Int>(0)
+    let b = Atomic<Int>(0)
+    let list: Mutex<[T]>
+    init(_ initial: [T] = []) { list = Mutex(initial) }
+    var values: [T] { list.withLock { $0 } }
+    func append(_ v: T) { list.withLock { $0.append(v) } }
+}
+
 @Suite("AsyncLock and AsyncEvent")
 struct AsyncLockTests {
     @Test("mutual exclusion under many concurrent tasks (suspending inside the critical section)")
     func mutualExclusion() async {
         let lock = AsyncLock()
-        let inside = Atomic<Int>(0)
-        let overlaps = Atomic<Int>(0)
+        let shared = Shared<Int>()
         let counter = UnsafeCounter()
         let pool = IOThreadPool(count: 3, name: "lock-test")
         defer { pool.shutdown() }
@@ -27,13 +36,13 @@ struct AsyncLockTests {
                 let body: @Sendable () async -> Void = {
                     for _ in 0..<rounds {
                         await lock.lock()
-                        if inside.add(1, ordering: .sequentiallyConsistent).newValue != 1 {
-                            overlaps.add(1, ordering: .relaxed)
+                        if shared.a.add(1, ordering: .sequentiallyConsistent).newValue != 1 {
+                            shared.b.add(1, ordering: .relaxed)
                         }
                         let v = counter.value
                         await Task.yield()
                         counter.value = v + 1
-                        inside.subtract(1, ordering: .sequentiallyConsistent)
+                        shared.a.subtract(1, ordering: .sequentiallyConsistent)
                         lock.unlock()
                     }
                 }
@@ -44,7 +53,7 @@ struct AsyncLockTests {
                 }
             }
         }
-        #expect(overlaps.load(ordering: .relaxed) == 0)
+        #expect(shared.b.load(ordering: .relaxed) == 0)
         #expect(counter.value == tasks * rounds)
     }
 
@@ -71,7 +80,7 @@ struct AsyncLockTests {
     func fifoHandoff() async {
         let thread = IOThread(name: "fifo-test")
         defer { thread.shutdown() }
-        let order = Mutex<[Int]>([])
+        let order = Shared<Int>()
         await withTaskExecutorPreference(thread) {
             let lock = AsyncLock()
             await lock.lock()
@@ -82,7 +91,7 @@ struct AsyncLockTests {
                 tasks.append(Task(executorPreference: thread) {
                     ready.signal()
                     await lock.lock()
-                    order.withLock { $0.append(i) }
+                    order.append(i)
                     await Task.yield()
                     lock.unlock()
                 })
@@ -92,33 +101,32 @@ struct AsyncLockTests {
             // is already owned by waiter 0, so we must queue behind all of them.
             lock.unlock()
             await lock.lock()
-            order.withLock { $0.append(-1) }
+            order.append(-1)
             lock.unlock()
             for t in tasks { await t.value }
         }
-        #expect(order.withLock { $0 } == Array(0..<12) + [-1])
+        #expect(order.values == Array(0..<12) + [-1])
     }
 
     @Test("every queued waiter is eventually woken exactly once")
     func allWaitersWake() async {
         let lock = AsyncLock()
-        let arrived = Atomic<Int>(0)
-        let acquired = Mutex<[Int]>([])
+        let shared = Shared<Int>()
         await lock.lock()
         let n = 64
         await withTaskGroup(of: Void.self) { group in
             for i in 0..<n {
                 group.addTask {
-                    arrived.add(1, ordering: .relaxed)
+                    shared.a.add(1, ordering: .relaxed)
                     await lock.lock()
-                    acquired.withLock { $0.append(i) }
+                    shared.append(i)
                     lock.unlock()
                 }
             }
-            while arrived.load(ordering: .relaxed) < n { await Task.yield() }
+            while shared.a.load(ordering: .relaxed) < n { await Task.yield() }
             lock.unlock()
         }
-        #expect(acquired.withLock { $0.sorted() } == Array(0..<n))
+        #expect(shared.values.sorted() == Array(0..<n))
         // Lock is free again.
         await lock.lock()
         lock.unlock()
@@ -128,23 +136,22 @@ struct AsyncLockTests {
     func event() async {
         let ev = AsyncEvent()
         #expect(!ev.isSignalled)
-        let woke = Atomic<Int>(0)
-        let started = Atomic<Int>(0)
+        let shared = Shared<Int>()
         let n = 50
         await withTaskGroup(of: Void.self) { group in
             for _ in 0..<n {
                 group.addTask {
-                    started.add(1, ordering: .relaxed)
+                    shared.a.add(1, ordering: .relaxed)
                     await ev.wait()
-                    woke.add(1, ordering: .relaxed)
+                    shared.b.add(1, ordering: .relaxed)
                 }
             }
-            while started.load(ordering: .relaxed) < n { await Task.yield() }
+            while shared.a.load(ordering: .relaxed) < n { await Task.yield() }
             try? await Task.sleep(for: .milliseconds(5))
-            #expect(woke.load(ordering: .relaxed) == 0)
+            #expect(shared.b.load(ordering: .relaxed) == 0)
             ev.signal()
         }
-        #expect(woke.load(ordering: .relaxed) == n)
+        #expect(shared.b.load(ordering: .relaxed) == n)
         #expect(ev.isSignalled)
         ev.signal()
         #expect(ev.isSignalled)
@@ -156,18 +163,18 @@ struct AsyncLockTests {
         let thread = IOThread(name: "event-test")
         defer { thread.shutdown() }
         let ev = AsyncEvent()
-        let order = Mutex<[String]>([])
+        let order = Shared<String>()
         await withTaskExecutorPreference(thread) {
             let waiter = Task(executorPreference: thread) {
-                order.withLock { $0.append("wait") }
+                order.append("wait")
                 await ev.wait()
-                order.withLock { $0.append("woke") }
+                order.append("woke")
             }
             await Task.yield()
-            order.withLock { $0.append("signal") }
+            order.append("signal")
             ev.signal()
             await waiter.value
         }
-        #expect(order.withLock { $0 } == ["wait", "signal", "woke"])
+        #expect(order.values == ["wait", "signal", "woke"])
     }
 }
