@@ -76,7 +76,12 @@ public final class HostFile: Sendable {
         self.requestAlignment = requestAlignment
     }
 
-    deinit { if !closed.load(ordering: .acquiring) { Sys.close(fd) } }
+    deinit {
+        if !closed.load(ordering: .acquiring) {
+            _ = lamina_ofd_setlk(fd, 0, 0, 0)
+            Sys.close(fd)
+        }
+    }
 
     /// Smallest read size/offset O_DIRECT accepts here (QEMU probes likewise).
     private static func probeAlignment(_ fd: Int32) -> Int {
@@ -90,7 +95,13 @@ public final class HostFile: Sendable {
     }
 
     public func close() {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { Sys.close(fd) }
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) {
+            // Drop our image locks explicitly: a child forked by another
+            // thread may still share this open file description until it
+            // execs, and the locks would outlive our close() otherwise.
+            _ = lamina_ofd_setlk(fd, 0, 0, 0)
+            Sys.close(fd)
+        }
     }
 
     /// Reads `buffer.count` bytes at `offset`; the part past end-of-file reads as zeroes.

@@ -52,10 +52,11 @@ final class MetadataCache {
         evictClean()
     }
 
-    /// Drops least recently used clean entries while over capacity.
+    /// Drops least recently used clean entries while over capacity; the
+    /// most recently used entry (the one just inserted or looked up) stays.
     private func evictClean() {
         var cur = tail
-        while map.count > capacity, let t = cur {
+        while map.count > capacity, let t = cur, t !== head {
             cur = t.prev
             if t.isDirty { continue }
             unlink(t)

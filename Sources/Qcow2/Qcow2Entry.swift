@@ -96,6 +96,10 @@ struct Qcow2Geometry: Sendable {
             }
             return host != 0 ? .normal(host: host) : .unallocated
         }
+        // QEMU judges the whole cluster first: contradictory bits anywhere
+        // make every subcluster invalid.
+        if host != 0 && (bitmap >> 32) & bitmap & 0xffff_ffff != 0 { return .invalid }
+        if host == 0 && bitmap & 0xffff_ffff != 0 { return .invalid }
         let alloc = (bitmap >> UInt64(sc)) & 1 != 0
         let zero = (bitmap >> UInt64(32 + sc)) & 1 != 0
         let scHost = host + Int64(sc * subclusterSize)

@@ -33,8 +33,9 @@ public enum Qcow2 {
     public static let incompatCompression: UInt64 = 1 << 3
     public static let incompatExtendedL2: UInt64 = 1 << 4
     public static let incompatKnown: UInt64 = 0x1f
-    /// Bits this implementation can open (no external data file).
-    public static let incompatSupported: UInt64 = incompatDirty | incompatCorrupt | incompatCompression | incompatExtendedL2
+    /// Bits this implementation can open (the external data file bit is
+    /// known, but such images are refused with QEMU's message).
+    public static let incompatSupported: UInt64 = incompatDirty | incompatCorrupt | incompatDataFile | incompatCompression | incompatExtendedL2
     public static let compatLazyRefcounts: UInt64 = 1 << 0
     public static let autoclearBitmaps: UInt64 = 1 << 0
     public static let autoclearDataFileRaw: UInt64 = 1 << 1

@@ -255,6 +255,10 @@ extension Qcow2Image {
     /// the reserve, refilling it first if empty. Returns the first cluster
     /// index and how many were taken (at least 1).
     func allocateClusters(_ count: Int64) async throws(BlockError) -> (Int64, Int64) {
+        if releaseReservePending {
+            releaseReservePending = false
+            try await releaseReserveLocked()
+        }
         if reserveCount == 0 {
             try await refillReserve(want: max(count, reserveChunk))
         }
@@ -341,6 +345,14 @@ extension Qcow2Image {
         // The L2 updates that dropped these references must be on disk first.
         try await writebackL2Locked()
         pendingFrees = keep
+        defer {
+            // Reuse freed space first (like QEMU's free-cluster index): give
+            // the reserve back so the next allocation starts at the hole.
+            if freedBelowReserve && reserveCount > 0 {
+                releaseReservePending = true
+            }
+            freedBelowReserve = false
+        }
         let cs = Int64(geo.clusterSize)
         for f in ready {
             let first = f.offset / cs
@@ -348,6 +360,7 @@ extension Qcow2Image {
             for c in first...last {
                 let v = try await changeRefcount(c, by: -1)
                 if v == 0 {
+                    freedBelowReserve = freedBelowReserve || c < reserveStart
                     freeClusterHint = min(freeClusterHint, c)
                     forgetMetadata(clusters: c..<(c + 1))
                     if c * cs <= compressedFreeByte && compressedFreeByte < (c + 1) * cs { compressedFreeByte = 0 }

@@ -79,6 +79,8 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// Refcount increments written since the last barrier.
     var refcountsNeedSync = false
     var reserveRefills = 0
+    var freedBelowReserve = false
+    var releaseReservePending = false
     var corruptionSignalled = false
     var metadataPreallocation: Bool?
     var snapshots: [Qcow2Snapshot] = []
