@@ -30,6 +30,7 @@ settle() {
     cat "$SRC" > /dev/null
 }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+spread() { sort -n | awk '{a[NR]=$1} END {printf "%.2f-%.2f", a[1], a[NR]}'; }
 
 run_case() {  # name, extra args...
     local name=$1; shift
@@ -53,10 +54,12 @@ run_case() {  # name, extra args...
     local qm lm
     qm=$(printf '%s\n' "${q[@]}" | median)
     lm=$(printf '%s\n' "${l[@]}" | median)
-    printf '%-34s %10.3f %10.3f %8.2f\n' "$name" "$qm" "$lm" "$(echo "$lm / $qm" | bc -l)"
+    printf '%-28s %8.3f %-11s %8.3f %-11s %6.2f\n' "$name" "$qm" "($(printf '%s\n' "${q[@]}" | spread))" \
+        "$lm" "($(printf '%s\n' "${l[@]}" | spread))" "$(echo "$lm / $qm" | bc -l)"
 }
 
-printf '%-34s %10s %10s %8s\n' "case ($SIZE, $RUNS runs, median s)" "qemu-img" "lamina" "ratio"
+echo "$SIZE source, $RUNS runs per tool, median seconds (min-max)"
+printf '%-28s %-20s %-20s %6s\n' "case" "qemu-img" "lamina-img" "ratio"
 run_case "qcow2->qcow2 (page cache)" qcow2
 run_case "qcow2->raw   (page cache)" raw
 run_case "qcow2->qcow2 (-t none)" qcow2 -t none
