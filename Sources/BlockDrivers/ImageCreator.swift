@@ -29,10 +29,29 @@ public enum ImageCreator {
         return BlockNode(driver: d, filename: path, readOnly: false)
     }
 
+    /// Creates a raw image the way QEMU's file driver does (including the
+    /// zeroed first block it writes so alignment probing sees data).
     public static func createRaw(path: String, size: Int64, preallocation: Preallocation) async throws(BlockError) {
         let node = try createHostFile(path)
         do throws(BlockError) {
-            try await node.truncate(to: size, preallocation: preallocation == .metadata ? .off : preallocation)
+            if preallocation == .metadata {
+                throw BlockError.unsupported("Unsupported preallocation mode: metadata")
+            }
+            if size > Int64.max - 511 {
+                // QEMU's sector rounding overflows into a negative size here.
+                throw BlockError.invalid("Could not resize file: Invalid argument")
+            }
+            do throws(BlockError) {
+                try await node.truncate(to: (size + 511) / 512 * 512, preallocation: preallocation)
+            } catch {
+                if error.errno == 27 { throw BlockError(.invalidArgument, errno: 27, "The image size is too large for file format 'raw'") }
+                throw BlockError.io("Could not resize file: \(errnoString(error.errno))", errno: error.errno)
+            }
+            let first = Int(min(size, 4096))
+            if first > 0 && preallocation == .off {
+                let zeros = AlignedBuffer(count: first, zeroed: true)
+                try await node.write(at: 0, from: UnsafeRawBufferPointer(zeros.bytes))
+            }
             try await node.flush()
         } catch {
             try? await node.close()

@@ -121,80 +121,22 @@ enum CreateCommand {
     static func createRaw(_ filename: String, size: Int64, _ co: CreateOptions) async throws(ToolError) {
         var prealloc = Preallocation.off
         if let p = co.value("preallocation") {
-            guard let m = Preallocation(rawValue: p) else {
-                throw ToolError(message: "invalid parameter value: \(p)")
-            }
+            guard let m = Preallocation(rawValue: p) else { throw ToolError(message: "invalid parameter value: \(p)") }
             prealloc = m
         }
-        let node = try createFile(filename)
-        if prealloc == .metadata {
-            try? await node.close()
-            throw ToolError(message: "Unsupported preallocation mode: metadata")
-        }
-        if size > Int64.max - 511 {
-            // QEMU's sector rounding overflows into a negative size here.
-            try? await node.close()
-            throw ToolError(message: "Could not resize file: Invalid argument")
-        }
         do throws(BlockError) {
-            try await node.truncate(to: roundUpToSector(size), preallocation: prealloc)
-            // Like QEMU, write the first block so that alignment probing of
-            // the new file sees data.
-            let first = Int(min(size, 4096))
-            if first > 0 && prealloc == .off {
-                let zeros = AlignedBuffer(count: first, zeroed: true)
-                try await node.write(at: 0, from: UnsafeRawBufferPointer(zeros.bytes))
-            }
-            try await node.flush()
-        } catch {
-            try? await node.close()
-            if error.errno == 27 { throw ToolError(message: "The image size is too large for file format 'raw'") }
-            throw ToolError(message: "Could not resize file: \(errnoString(error.errno))")
-        }
-        try? await node.close()
-    }
-
-    static func createFile(_ filename: String) throws(ToolError) -> BlockNode {
-        do throws(BlockError) {
-            return try ImageCreator.createHostFile(filename)
+            try await ImageCreator.createRaw(path: filename, size: size, preallocation: prealloc)
         } catch {
             throw ToolError(message: error.message)
         }
     }
 
     static func createQcow2(_ filename: String, size: Int64, _ co: CreateOptions) async throws(ToolError) {
-        // QEMU validates the options before it creates the file.
         let o = try co.qcow2Options(size: size)
         do throws(BlockError) {
-            try o.validate()
+            try await ImageCreator.createQcow2(path: filename, options: o)
         } catch {
             throw ToolError(message: error.message)
-        }
-        let fileNode = try createFile(filename)
-        do throws(BlockError) {
-            try await Qcow2Creator.create(file: fileNode, options: o)
-        } catch {
-            try? await fileNode.close()
-            throw ToolError(message: error.message)
-        }
-        if o.preallocation != .off {
-            var qo = Qcow2OpenOptions()
-            qo.readOnly = false
-            do throws(BlockError) {
-                let img = try await Qcow2Image.open(file: fileNode, options: qo)
-                do throws(BlockError) {
-                    try await img.preallocate(o.preallocation)
-                } catch {
-                    try? await img.close()
-                    throw error
-                }
-                try await img.close()
-            } catch {
-                try? await fileNode.close()
-                throw ToolError(message: error.message)
-            }
-        } else {
-            try? await fileNode.close()
         }
     }
 }
