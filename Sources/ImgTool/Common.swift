@@ -110,12 +110,9 @@ func openImage(_ filename: String, format: String?, readOnly: Bool, forceShare: 
         o.cacheDirect = c.direct
         o.noFlush = c.noFlush
     }
-    do {
+    do throws(BlockError) {
         return try await ImageOpener.open(filename, o)
     } catch {
-        if error.message.hasPrefix("Could not open '\(filename)'") {
-            throw ToolError(message: "Could not open '\(filename)': " + error.message)
-        }
         throw ToolError(message: "Could not open '\(filename)': " + error.message)
     }
 }

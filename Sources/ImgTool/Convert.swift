@@ -127,8 +127,7 @@ enum ConvertCommand {
             for name in sourcesNames {
                 sources.append(try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, cache: srcMode))
             }
-            if let s = snapshot {
-                _ = s
+            if snapshot != nil {
                 throw ToolError(message: "Failed to load snapshot: Block format '\(sources[0].formatName)' used by device '' does not support temporarily loading internal snapshots")
             }
             let totalSectors = sources.reduce(Int64(0)) { $0 + ($1.length + 511) / 512 }

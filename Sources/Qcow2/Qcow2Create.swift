@@ -162,7 +162,6 @@ extension Qcow2Image {
         while c < totalClusters {
             let guest = c * cs
             let (l2Off, table) = try await l2TableForWriteLocked(geo.l1Index(guest))
-            let idx0 = geo.l2Index(guest)
             let tableEnd = min(totalClusters, (c / Int64(geo.l2Entries) + 1) * Int64(geo.l2Entries))
             var i = c
             while i < tableEnd {
@@ -183,7 +182,6 @@ extension Qcow2Image {
                 hostEnd = max(hostEnd, (hc + got) * cs)
                 i += got
             }
-            _ = idx0
             l2Cache.markDirty(l2Off, 0..<geo.clusterSize)
             try await writebackIfNeededLocked()
             c = tableEnd

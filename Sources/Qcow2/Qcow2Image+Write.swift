@@ -438,7 +438,6 @@ extension Qcow2Image {
                     continue
                 }
                 let (off, table) = try await l2TableForWriteLocked(l1i)
-                let i0 = geo.l2Index(c * cs)
                 var frees: [(Int64, Int64)] = []
                 var lo = Int.max
                 var hi = 0
@@ -454,7 +453,6 @@ extension Qcow2Image {
                     hi = max(hi, i + 1)
                     if unref, let r = hostRange(of: oe) { frees.append(r) }
                 }
-                _ = i0
                 if hi > lo {
                     l2Cache.markDirty(off, (lo * geo.l2EntrySize)..<(hi * geo.l2EntrySize))
                 }
@@ -575,14 +573,11 @@ extension Qcow2Image {
     public func writeCompressed(at guest: Int64, from data: UnsafeRawBufferPointer) async throws(BlockError) {
         let cs = geo.clusterSize
         precondition(guest % Int64(cs) == 0 && data.count <= cs)
-        var input = data
-        var padded: AlignedBuffer?
-        if data.count < cs {
-            let p = AlignedBuffer(count: cs, zeroed: true)
-            p.slice(0, data.count).copyMemory(from: data)
-            padded = p
-            input = UnsafeRawBufferPointer(p.bytes)
-        }
+        // The last cluster of an image may be partial: compress it padded
+        // with zeroes. `padded` lives until the end of the function.
+        let padded = AlignedBuffer(count: cs, zeroed: true)
+        padded.slice(0, data.count).copyMemory(from: data)
+        let input = UnsafeRawBufferPointer(padded.bytes)
         let out = AlignedBuffer(count: cs)
         let n: Int
         if header.compressionType == CompressionType.zstd.rawValue {
@@ -590,7 +585,6 @@ extension Qcow2Image {
         } else {
             n = lamina_deflate_raw(input.baseAddress, cs, out.pointer, cs - 1)
         }
-        _ = padded
         if n < 0 {
             // Incompressible (or an error): store it as a normal cluster.
             try await write(at: guest, from: data, flags: [])
