@@ -12,10 +12,12 @@ let package = Package(
     products: [
         .executable(name: "lamina-img", targets: ["lamina-img"]),
         .executable(name: "lamina-io", targets: ["lamina-io"]),
+        .executable(name: "lamina-storage-daemon", targets: ["lamina-storage-daemon"]),
         .library(name: "BlockDrivers", targets: ["BlockDrivers"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // The one place that talks to libc beyond what Glibc exports cleanly,
@@ -39,10 +41,54 @@ let package = Package(
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "FileDriver", "RawDriver", "Qcow2"],
             swiftSettings: strict
         ),
+        // JSON values with ordered members, QEMU's parser dialect and printers.
+        .target(name: "LaminaJSON", swiftSettings: strict),
+        // SwiftNIO glue shared by the servers: event loops as task executors, addresses.
+        .target(
+            name: "ServerKit",
+            dependencies: [
+                "BlockCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        // QMP: framing, session state machine, argument visitor, events, server.
+        .target(
+            name: "QMP",
+            dependencies: [
+                "LaminaJSON", "ServerKit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        // Pure NBD codecs (no sockets).
+        .target(name: "NBDProtocol", dependencies: ["BlockCore"], swiftSettings: strict),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "BlockCore", "NBDProtocol", "ServerKit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "StorageDaemon",
+            dependencies: [
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(name: "lamina-storage-daemon", dependencies: ["StorageDaemon"], swiftSettings: strict),
         .target(
             name: "ImgTool",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "FileDriver",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "FileDriver", "LaminaJSON",
             ],
             swiftSettings: strict
         ),
@@ -56,6 +102,33 @@ let package = Package(
         .testTarget(
             name: "Qcow2Tests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "Qcow2", "BlockDrivers", "FileDriver"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "QMPTests",
+            dependencies: [
+                "LaminaJSON", "QMP", "ServerKit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "NBDTests",
+            dependencies: [
+                "BlockCore", "NBDProtocol", "NBDServer", "ServerKit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "DaemonTests",
+            dependencies: [
+                "BlockCore", "BlockGraph", "BlockDrivers", "LaminaJSON", "QMP", "NBDServer", "StorageDaemon",
+            ],
             swiftSettings: strict
         ),
         .testTarget(
