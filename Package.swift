@@ -36,6 +36,8 @@ let package = Package(
         .target(name: "FileDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
         .target(name: "RawDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         .target(name: "Qcow2", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
+        // The job core (QEMU's job.c): lifecycle tables, verbs, progress.
+        .target(name: "BlockJobs", dependencies: ["BlockCore"], swiftSettings: strict),
         .target(
             name: "BlockDrivers",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "FileDriver", "RawDriver", "Qcow2"],
@@ -78,7 +80,7 @@ let package = Package(
             name: "StorageDaemon",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "ImgTool",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -127,7 +129,7 @@ let package = Package(
         .testTarget(
             name: "DaemonTests",
             dependencies: [
-                "BlockCore", "BlockGraph", "BlockDrivers", "LaminaJSON", "QMP", "NBDServer", "StorageDaemon",
+                "BlockCore", "BlockGraph", "BlockDrivers", "BlockJobs", "LaminaJSON", "QMP", "NBDServer", "StorageDaemon",
             ],
             swiftSettings: strict
         ),

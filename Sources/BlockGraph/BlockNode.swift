@@ -10,13 +10,21 @@ public final class BlockNode: Sendable {
     /// The file name the node was opened from (what `qemu-img info` calls "image").
     public let filename: String
     public let readOnly: Bool
+    /// The node's discard and detect-zeroes options (QEMU's BDRV_O_UNMAP
+    /// and detect_zeroes), applied by the generic layer.
+    public let policy: NodePolicy
     private let nodeNameBox: Mutex<String>
     private let rmw = RMWTracker()
+    /// References (QEMU's bdrv_ref): the creator holds one; every extra
+    /// parent or owner that shares the node takes another with `retain()`.
+    private let refs = Atomic<Int>(1)
 
-    public init(driver: any BlockDriver, filename: String, readOnly: Bool, nodeName: String = "") {
+    public init(driver: any BlockDriver, filename: String, readOnly: Bool, nodeName: String = "",
+                policy: NodePolicy = NodePolicy()) {
         self.driver = driver
         self.filename = filename
         self.readOnly = readOnly
+        self.policy = policy
         self.nodeNameBox = Mutex(nodeName)
     }
 
@@ -77,6 +85,12 @@ public final class BlockNode: Sendable {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags = []) async throws(BlockError) {
         try check(offset, Int64(buffer.count), write: true)
         if buffer.count == 0 { return }
+        if policy.detectZeroes != .off, let base = buffer.baseAddress, isZeroMemory(base, buffer.count) {
+            var zflags = flags
+            if policy.detectZeroes == .unmap { zflags.insert(.mayUnmap) }
+            try await writeZeroes(at: offset, length: Int64(buffer.count), flags: zflags)
+            return
+        }
         if needsAlignment(offset, buffer.count, buffer.baseAddress) {
             try await alignedWrite(offset, buffer, flags)
             return
@@ -93,8 +107,11 @@ public final class BlockNode: Sendable {
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags = []) async throws(BlockError) {
         try check(offset, length, write: true)
         if length == 0 { return }
+        var flags = flags
+        if !policy.discardUnmap { flags.remove(.mayUnmap) }
         let a = Int64(driver.requestAlignment)
         if a > 1 && (offset % a != 0 || length % a != 0) {
+            if flags.contains(.noFallback) { throw BlockError.unsupported("Unaligned zero write needs a fallback") }
             // Zero the unaligned head and tail with explicit writes.
             let headEnd = min(alignUp(offset, a), offset + length)
             let tailStart = max(alignDown(offset + length, a), headEnd)
@@ -113,7 +130,7 @@ public final class BlockNode: Sendable {
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
         try check(offset, length, write: true)
-        if length == 0 { return }
+        if length == 0 || !policy.discardUnmap { return }
         try await driver.discard(at: offset, length: length)
     }
 
@@ -185,7 +202,18 @@ public final class BlockNode: Sendable {
         return (false, remaining)
     }
 
+    /// Takes one more reference: the node stays open until every holder
+    /// has called `close()`.
+    public func retain() { refs.add(1, ordering: .relaxed) }
+
+    /// True once the last reference was closed.
+    public var isClosed: Bool { refs.load(ordering: .acquiring) <= 0 }
+
+    /// Drops one reference; the last one flushes and closes the driver
+    /// (which drops its references to its children).
     public func close() async throws(BlockError) {
+        let left = refs.subtract(1, ordering: .acquiringAndReleasing).newValue
+        guard left == 0 else { return }
         try await driver.close()
     }
 
@@ -227,6 +255,24 @@ public final class BlockNode: Sendable {
         }
         bounce.slice(Int(offset - start), buffer.count).copyMemory(from: buffer)
         try await driver.write(at: start, from: UnsafeRawBufferPointer(bounce.bytes), flags: flags)
+    }
+}
+
+/// QAPI BlockdevDetectZeroesOptions.
+public enum DetectZeroes: String, Sendable, CaseIterable {
+    case off, on, unmap
+}
+
+/// Per-node request policy set by the node's options.
+public struct NodePolicy: Sendable, Equatable {
+    /// discard=unmap (true) or ignore (false): whether discard requests and
+    /// the may-unmap hint of write-zeroes reach the driver.
+    public var discardUnmap: Bool
+    public var detectZeroes: DetectZeroes
+    /// The default keeps discards (what qemu-img's own opens do).
+    public init(discardUnmap: Bool = true, detectZeroes: DetectZeroes = .off) {
+        self.discardUnmap = discardUnmap
+        self.detectZeroes = detectZeroes
     }
 }
 

@@ -18,6 +18,8 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     /// was extended ahead of writes by `reserveSpace`.
     private let dataEnd: Atomic<Int64>
     private let reserved = Atomic<Bool>(false)
+    /// The image-lock state currently held on the host file.
+    private let lockState = Mutex<ImageLock?>(nil)
 
     public var formatName: String { "file" }
     /// Like QEMU, the node's length counts whole 512-byte sectors.
@@ -67,7 +69,8 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
     /// Opens `path` as a file node and takes QEMU-compatible image locks
     /// for `lock` (nil: no locking, like QEMU's locking=off).
     public static func open(_ path: String, readOnly: Bool, direct: Bool = false, noFlush: Bool = false,
-                            unmap: Bool = false, lock: ImageLock? = nil) throws(BlockError) -> BlockNode {
+                            unmap: Bool = false, lock: ImageLock? = nil,
+                            policy: NodePolicy = NodePolicy()) throws(BlockError) -> BlockNode {
         let h = try HostFile.open(path, .init(readOnly: readOnly, direct: direct))
         if let l = lock {
             do throws(BlockError) {
@@ -78,10 +81,25 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
             }
         }
         let d = try FileDriver(host: h, noFlush: noFlush, unmap: unmap)
-        return BlockNode(driver: d, filename: path, readOnly: readOnly)
+        d.lockState.withLock { $0 = lock }
+        return BlockNode(driver: d, filename: path, readOnly: readOnly, policy: policy)
     }
 
     public func allocatedBytes() throws(BlockError) -> Int64 { try host.allocatedSize() }
+
+    /// The lock held now (nil: locking is off for this file).
+    public var currentLock: ImageLock? { lockState.withLock { $0 } }
+
+    /// Changes the image-lock bytes held (QEMU's permission update on the
+    /// file node); a no-op when locking is off. Throws QEMU's "Failed to get
+    /// ... lock" when another process conflicts, keeping the old state.
+    public func updateLock(_ new: ImageLock) throws(BlockError) {
+        try lockState.withLock { (cur: inout ImageLock?) throws(BlockError) in
+            guard let old = cur, old != new else { return }
+            try new.replace(old, on: host)
+            cur = new
+        }
+    }
 
     private func grow(to end: Int64) {
         var cur = size.load(ordering: .relaxed)

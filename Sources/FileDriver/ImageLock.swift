@@ -36,6 +36,41 @@ public struct ImageLock: Sendable, Equatable {
     /// Backing files: others may do anything with them.
     public static let backing = ImageLock(perm: [.consistentRead], shared: .all)
 
+    /// No permissions taken, everything shared (a node nobody uses).
+    public static let unused = ImageLock(perm: [], shared: .all)
+    /// A format node opened read-only takes this on its file (QEMU's
+    /// default for a read-only storage child: others may not write).
+    public static let readOnlyStorage = ImageLock(perm: [.consistentRead], shared: [.consistentRead, .writeUnchanged])
+
+    /// Moves the file's lock bytes from `old` to `self`: checks that no
+    /// other process conflicts with the new state first, then takes the
+    /// new bytes and releases the ones no longer needed. On failure the
+    /// old state is left in place.
+    public func replace(_ old: ImageLock, on file: HostFile) throws(BlockError) {
+        for bit in 0..<4 {
+            let p = Permissions(rawValue: 1 << UInt8(bit))
+            if perm.contains(p) && !old.perm.contains(p)
+                && lamina_ofd_getlk(file.fd, 2, ImageLock.sharedBase + Int64(bit), 1) == 1 {
+                throw failure(Permissions.names[bit], shared: false, file.path)
+            }
+            if !shared.contains(p) && old.shared.contains(p)
+                && lamina_ofd_getlk(file.fd, 2, ImageLock.permBase + Int64(bit), 1) == 1 {
+                throw failure(Permissions.names[bit], shared: true, file.path)
+            }
+        }
+        for bit in 0..<4 {
+            let p = Permissions(rawValue: 1 << UInt8(bit))
+            let wantPerm = perm.contains(p), hadPerm = old.perm.contains(p)
+            if wantPerm != hadPerm {
+                _ = lamina_ofd_setlk(file.fd, wantPerm ? 1 : 0, ImageLock.permBase + Int64(bit), 1)
+            }
+            let wantShared = !shared.contains(p), hadShared = !old.shared.contains(p)
+            if wantShared != hadShared {
+                _ = lamina_ofd_setlk(file.fd, wantShared ? 1 : 0, ImageLock.sharedBase + Int64(bit), 1)
+            }
+        }
+    }
+
     static let permBase: Int64 = 100
     static let sharedBase: Int64 = 200
 

@@ -4,11 +4,12 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import LaminaJSON
 import FileDriver
 import Qcow2
 
 /// QEMU's ImageInfo for one node, collected from the block layer.
-struct ImageInfo {
+public struct ImageInfo: Sendable {
     var filename: String
     var format: String
     var dirty: Bool
@@ -22,7 +23,7 @@ struct ImageInfo {
     var snapshots: [Qcow2Snapshot] = []
     var formatSpecific: JSON?
 
-    static func collect(_ node: BlockNode) async -> ImageInfo {
+    public static func collect(_ node: BlockNode) async -> ImageInfo {
         var info = ImageInfo(filename: node.filename, format: node.formatName, dirty: false,
                              actualSize: nil, virtualSize: node.length)
         if let f = node.file?.driver as? any HostBackedDriver {
@@ -79,7 +80,7 @@ struct ImageInfo {
         return .object(m)
     }
 
-    var json: JSON {
+    public var json: JSON {
         var m: [(String, JSON)] = [("filename", .string(filename)), ("format", .string(format)), ("dirty-flag", .bool(dirty))]
         if let a = actualSize { m.append(("actual-size", .int(a))) }
         m.append(("virtual-size", .int(virtualSize)))

@@ -1,0 +1,196 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import Synchronization
+
+/// The job registry and the lifecycle driver (QEMU's job.c): creation,
+/// start, verbs, completion through waiting/pending/concluded, dismissal.
+/// Every method runs on the control actor.
+@ControlActor
+public final class JobManager: Sendable {
+    /// Newest first (QEMU inserts at the head of its job list).
+    public private(set) var jobs: [Job] = []
+    private let sink: @Sendable @ControlActor (JobEvent) -> Void
+
+    public init(sink: @escaping @Sendable @ControlActor (JobEvent) -> Void) {
+        self.sink = sink
+    }
+
+    public func job(_ id: String) -> Job? { jobs.first { $0.id == id } }
+
+    func emit(_ e: JobEvent) { sink(e) }
+
+    func transition(_ job: Job, to s1: JobStatus) {
+        let s0 = job.status
+        precondition(JobTables.canTransition(from: s0, to: s1), "job \(job.id): illegal transition \(s0) -> \(s1)")
+        job.shared.withLock { $0.status = s1 }
+        if s0 != s1 { sink(.statusChange(job, s1)) }
+    }
+
+    /// QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+    public static func isWellFormedID(_ id: String) -> Bool {
+        guard let first = id.unicodeScalars.first, first.isASCIILetter else { return false }
+        return id.unicodeScalars.allSatisfy { $0.isASCIILetter || ("0"..."9").contains($0) || $0 == "-" || $0 == "." || $0 == "_" }
+    }
+
+    /// Creates a job in state `created` (QEMU's job_create).
+    public func create(id: String, driver: any JobDriver, autoFinalize: Bool = true, autoDismiss: Bool = true,
+                       executor: any TaskExecutor) throws(BlockError) -> Job {
+        if !Self.isWellFormedID(id) { throw BlockError.invalid("Invalid job ID '\(id)'") }
+        if job(id) != nil { throw BlockError.invalid("Job ID '\(id)' already in use") }
+        let job = Job(id: id, driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
+                      executor: executor, manager: self)
+        transition(job, to: .created)
+        jobs.insert(job, at: 0)
+        return job
+    }
+
+    /// Starts the body (QEMU's job_start): running, then the body's first pause point.
+    public func start(_ job: Job) {
+        job.shared.withLock {
+            $0.pauseCount -= 1
+            $0.busy = true
+            $0.paused = false
+            $0.started = true
+        }
+        transition(job, to: .running)
+        Task(executorPreference: job.executor) {
+            await job.pausePoint()
+            var failure: BlockError?
+            do throws(BlockError) {
+                try await job.driver.run(job)
+            } catch {
+                failure = error
+            }
+            await self.exit(job, failure)
+        }
+    }
+
+    /// The body returned: QEMU's job_exit / job_completed.
+    private func exit(_ job: Job, _ failure: BlockError?) async {
+        job.shared.withLock { $0.busy = false }
+        var failed = failure != nil
+        if let f = failure { job.setError(f.message) }
+        if !failed && job.isCancelled {
+            job.setError(errnoString(ECANCELED))
+            failed = true
+        }
+        if failed {
+            await abortAndConclude(job)
+            return
+        }
+        transition(job, to: .waiting)
+        do throws(BlockError) {
+            try await job.driver.prepare(job)
+        } catch {
+            job.setError(error.message)
+            await abortAndConclude(job)
+            return
+        }
+        transition(job, to: .pending)
+        emit(.pending(job))
+        if job.autoFinalize {
+            await finalizeSingle(job)
+        }
+    }
+
+    private func abortAndConclude(_ job: Job) async {
+        transition(job, to: .aborting)
+        await job.driver.abort(job)
+        await job.driver.clean(job)
+        emit(.cancelled(job))
+        conclude(job)
+    }
+
+    private func finalizeSingle(_ job: Job) async {
+        await job.driver.commit(job)
+        await job.driver.clean(job)
+        emit(job.isCancelled ? .cancelled(job) : .completed(job))
+        conclude(job)
+    }
+
+    private func conclude(_ job: Job) {
+        transition(job, to: .concluded)
+        let started = job.shared.withLock { $0.started }
+        if job.autoDismiss || !started { doDismiss(job) }
+    }
+
+    private func doDismiss(_ job: Job) {
+        transition(job, to: .null)
+        jobs.removeAll { $0 === job }
+    }
+
+    // MARK: Verbs
+
+    private func apply(_ verb: JobVerb, _ job: Job) throws(BlockError) {
+        let s = job.status
+        if !JobTables.allows(verb, in: s) {
+            throw BlockError.invalid("Job '\(job.id)' in state '\(s.rawValue)' cannot accept command verb '\(verb.rawValue)'")
+        }
+    }
+
+    public func dismiss(_ job: Job) throws(BlockError) {
+        try apply(.dismiss, job)
+        doDismiss(job)
+    }
+
+    public func finalize(_ job: Job) async throws(BlockError) {
+        try apply(.finalize, job)
+        await finalizeSingle(job)
+    }
+
+    public func pause(_ job: Job) throws(BlockError) {
+        try apply(.pause, job)
+        if job.isUserPaused { throw BlockError.invalid("Job is already paused") }
+        job.shared.withLock {
+            $0.userPaused = true
+            $0.pauseCount += 1
+        }
+    }
+
+    public func resume(_ job: Job) throws(BlockError) {
+        let ok = job.shared.withLock { $0.userPaused && $0.pauseCount > 0 }
+        if !ok { throw BlockError.invalid("Can't resume a job that was not paused") }
+        try apply(.resume, job)
+        job.shared.withLock {
+            $0.userPaused = false
+            $0.pauseCount -= 1
+        }
+        job.wakeIfNeeded()
+    }
+
+    public func complete(_ job: Job) throws(BlockError) {
+        try apply(.complete, job)
+        if job.isCancelled {
+            throw BlockError.invalid("Job '\(job.id)' has been cancelled")
+        }
+        try job.driver.complete(job)
+    }
+
+    public func setSpeed(_ job: Job, _ speed: UInt64) throws(BlockError) {
+        try apply(.setSpeed, job)
+        job.setSpeedValue(speed)
+    }
+
+    /// job-cancel / block-job-cancel (force as QEMU's block-job-cancel).
+    public func cancel(_ job: Job, force: Bool = false) async throws(BlockError) {
+        try apply(.cancel, job)
+        let started = job.shared.withLock { $0.started }
+        job.shared.withLock {
+            $0.cancelled = true
+            if force { $0.force = true }
+        }
+        if !started || job.status == .pending {
+            // Never ran, or finished but not finalized: abort at once.
+            job.setError(errnoString(ECANCELED))
+            await abortAndConclude(job)
+            return
+        }
+        job.wakeIfNeeded()
+    }
+}
+
+extension Unicode.Scalar {
+    var isASCIILetter: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) }
+}

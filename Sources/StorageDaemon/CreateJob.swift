@@ -1,0 +1,98 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import BlockDrivers
+import BlockGraph
+import BlockJobs
+import FileDriver
+import Qcow2
+
+/// QAPI BlockdevCreateOptions for the drivers Lamina creates.
+enum CreateOptions: Sendable {
+    case file(filename: String, size: Int64, preallocation: Preallocation)
+    /// `file` names an existing node (or nested options) to format.
+    case qcow2(file: BlockdevRef, options: Qcow2CreateOptions)
+}
+
+/// The blockdev-create job (type "create"): formats a file or node, then
+/// concludes; it is dismissed by the user (QEMU's JOB_MANUAL_DISMISS).
+final class CreateJobDriver: JobDriver, Sendable {
+    let options: CreateOptions
+    /// For qcow2 with a node reference: resolved before the job starts,
+    /// so a missing node fails the job the way QEMU does.
+    let resolveNode: @Sendable (String) async -> BlockNode?
+
+    init(options: CreateOptions, resolveNode: @escaping @Sendable (String) async -> BlockNode?) {
+        self.options = options
+        self.resolveNode = resolveNode
+    }
+
+    var type: JobType { .create }
+
+    func run(_ job: Job) async throws(BlockError) {
+        job.progressSetRemaining(1)
+        switch options {
+        case .file(let filename, let size, let prealloc):
+            try await createFile(filename, size, prealloc)
+        case .qcow2(let ref, let o):
+            try o.validate()
+            switch ref {
+            case .reference(let name):
+                guard let node = await resolveNode(name) else {
+                    throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(name)' nor node-name='\(name)'")
+                }
+                if node.readOnly {
+                    throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+                }
+                try await Qcow2Creator.create(file: node, options: o)
+                if o.preallocation != .off {
+                    try await preallocate(node, o.preallocation)
+                }
+            case .options(let bo):
+                guard case .file(let f) = bo.driver else {
+                    throw BlockError.unsupported("blockdev-create: only a 'file' node can hold a new qcow2 image")
+                }
+                try await ImageCreator.createQcow2(path: f.filename, options: o)
+            }
+        }
+        job.progressUpdate(1)
+    }
+
+    private func createFile(_ path: String, _ size: Int64, _ prealloc: Preallocation) async throws(BlockError) {
+        if prealloc == .metadata {
+            throw BlockError.unsupported("Unsupported preallocation mode: metadata")
+        }
+        let node = try ImageCreator.createHostFile(path)
+        do throws(BlockError) {
+            try await node.truncate(to: size, preallocation: prealloc)
+            try await node.flush()
+        } catch {
+            try? await node.close()
+            throw error.prefixed("Could not resize file: ")
+        }
+        try await node.close()
+    }
+
+    /// Preallocation on an existing node: open the new image on it for the
+    /// duration (the node keeps its own reference).
+    private func preallocate(_ node: BlockNode, _ mode: Preallocation) async throws(BlockError) {
+        node.retain()
+        var qo = Qcow2OpenOptions()
+        qo.readOnly = false
+        let img: Qcow2Image
+        do throws(BlockError) {
+            img = try await Qcow2Image.open(file: node, options: qo)
+        } catch {
+            try? await node.close()
+            throw error
+        }
+        do throws(BlockError) {
+            try await img.preallocate(mode)
+        } catch {
+            try? await img.close()
+            throw error
+        }
+        try await img.close()
+    }
+}

@@ -1,0 +1,151 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import BlockGraph
+import BlockJobs
+import LaminaJSON
+import NBDServer
+import ServerKit
+
+/// The composition root (QEMU's storage daemon main): the loops, the
+/// block graph, the exports, the NBD server, the jobs and the event sink.
+/// Command-line options and QMP commands both end in the methods here.
+@ControlActor
+public final class Daemon {
+    public let loops: DaemonLoops
+    let graph = Graph()
+    let nbd: NBDServer
+    private(set) var exports: ExportRegistry!
+    private(set) var jobs: JobManager!
+    /// Where events go (the QMP monitors); set by the QMP layer.
+    public var eventSink: @Sendable (String, JSON?) -> Void = { _, _ in }
+    /// Called once by `quit` after the reply went out.
+    public var onQuit: @Sendable () -> Void = {}
+    private var quitting = false
+
+    public init(loops: DaemonLoops) {
+        self.loops = loops
+        self.nbd = NBDServer(loops: loops)
+        self.jobs = JobManager { [weak self] e in self?.jobEvent(e) }
+        self.exports = ExportRegistry(
+            graph: graph, nbd: nbd,
+            executorFor: { [loops] _ in loops.main },
+            onDeleted: { [weak self] id in
+                self?.emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
+            })
+        let registry = exports!
+        nbd.onExportClosed = { name in
+            Task { @ControlActor in registry.exportClosed(nbdName: name) }
+        }
+    }
+
+    func emit(_ event: String, _ data: JSON?) {
+        eventSink(event, data)
+    }
+
+    private func jobEvent(_ e: JobEvent) {
+        switch e {
+        case .statusChange(let job, let status):
+            emit("JOB_STATUS_CHANGE", .object([("id", .string(job.id)), ("status", .string(status.rawValue))]))
+        case .pending, .ready, .completed, .cancelled:
+            // Block-job events (BLOCK_JOB_*) belong to block jobs; the
+            // create job has none.
+            break
+        }
+    }
+
+    // MARK: - Graph
+
+    func blockdevAdd(_ o: BlockdevOptions) async throws(BlockError) {
+        _ = try await NodeOpener.add(o, graph: graph)
+    }
+
+    func blockdevDel(_ name: String) async throws(BlockError) {
+        guard let rec = graph.find(name) else {
+            throw BlockError(.notFound, errno: ENOENT, "Failed to find node with node-name='\(name)'")
+        }
+        if !rec.monitorOwned {
+            throw BlockError.invalid("Node \(name) is not owned by the monitor")
+        }
+        if !exports.exportsUsing(rec.node).isEmpty {
+            throw BlockError(.busy, errno: EBUSY, "Node \(name) is in use")
+        }
+        if !graph.nodeParents(of: rec.node).isEmpty || jobsUsing(rec.node) {
+            throw BlockError(.busy, errno: EBUSY, "Block device \(name) is in use")
+        }
+        rec.monitorOwned = false
+        var failure: BlockError?
+        do throws(BlockError) {
+            try await rec.node.close()
+        } catch {
+            failure = error
+        }
+        graph.sweepClosed()
+        try? graph.updateLocks()
+        if let f = failure { throw f }
+    }
+
+    private func jobsUsing(_ node: BlockNode) -> Bool { false }
+
+    // MARK: - Jobs
+
+    func blockdevCreate(jobID: String, options: CreateOptions) throws(BlockError) {
+        let graph = self.graph
+        let driver = CreateJobDriver(options: options) { name in
+            await MainActorless.lookup(graph, name)
+        }
+        let job = try jobs.create(id: jobID, driver: driver, autoFinalize: true, autoDismiss: false,
+                                  executor: loops.main)
+        jobs.start(job)
+    }
+
+    func jobInfo(_ job: Job) -> JSON {
+        let p = job.progress
+        var m: [(String, JSON)] = [
+            ("id", .string(job.id)), ("type", .string(job.type.rawValue)), ("status", .string(job.status.rawValue)),
+            ("current-progress", .uint(p.current)), ("total-progress", .uint(p.total)),
+        ]
+        if let e = job.error { m.append(("error", .string(e))) }
+        return .object(m)
+    }
+
+    func findJob(_ id: String) throws(BlockError) -> Job {
+        guard let j = jobs.job(id) else {
+            throw BlockError(.notFound, errno: ENOENT, "Job not found")
+        }
+        return j
+    }
+
+    // MARK: - Shutdown
+
+    /// quit (QMP) and SIGTERM/SIGINT: shut down cleanly, then `onQuit`.
+    public func quit() async {
+        await shutdown()
+        onQuit()
+    }
+
+    /// quit: stop serving, then flush and close every node (children last).
+    public func shutdown() async {
+        if quitting { return }
+        quitting = true
+        exports.removeAll()
+        await nbd.stop()
+        for rec in graph.all where rec.monitorOwned {
+            rec.monitorOwned = false
+            try? await rec.node.close()
+        }
+        // Anything still open (nodes kept by other references) is flushed too.
+        for rec in graph.all where !rec.node.isClosed {
+            try? await rec.node.flush()
+        }
+        graph.sweepClosed()
+    }
+}
+
+/// Node lookup from a job body: hops to the control actor.
+enum MainActorless {
+    @ControlActor static func lookup(_ graph: Graph, _ name: String) -> BlockNode? {
+        graph.find(name)?.node
+    }
+}

@@ -1,0 +1,236 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import BlockDrivers
+import BlockGraph
+import FileDriver
+import Qcow2
+import RawDriver
+
+/// Opens a blockdev-add tree: new nodes for nested options, references to
+/// existing nodes by name, the default backing chain from image headers.
+///
+/// Ownership: `open` returns a node holding one reference for its caller
+/// (a new node's creation reference, or a `retain()` on an existing one);
+/// when it throws it has released everything it acquired, so the graph is
+/// as before.
+@ControlActor
+struct NodeOpener {
+    let graph: Graph
+
+    init(graph: Graph) { self.graph = graph }
+
+    /// Opens the root of a blockdev-add (node-name required).
+    static func add(_ opts: BlockdevOptions, graph: Graph) async throws(BlockError) -> BlockNode {
+        guard let name = opts.nodeName else {
+            throw BlockError.invalid("'node-name' must be specified for the root node")
+        }
+        try Graph.checkNodeName(name)
+        let opener = NodeOpener(graph: graph)
+        let node: BlockNode
+        do throws(BlockError) {
+            node = try await opener.open(opts, inherited: InheritedOptions(), monitorOwned: true)
+        } catch {
+            graph.sweepClosed()
+            try? graph.updateLocks()
+            throw error
+        }
+        do throws(BlockError) {
+            try graph.updateLocks()
+        } catch {
+            try? await node.close()
+            graph.sweepClosed()
+            try? graph.updateLocks()
+            throw error
+        }
+        return node
+    }
+
+    private func checkName(_ name: String?) throws(BlockError) {
+        guard let name else { return }
+        try Graph.checkNodeName(name)
+        if graph.find(name) != nil {
+            throw BlockError.invalid("Duplicate nodes with node-name='\(name)'")
+        }
+    }
+
+    /// Resolves a child reference: an existing node (retained) or new options.
+    private func child(_ ref: BlockdevRef, parent: InheritedOptions, role: BlockChild.Role,
+                                parentName: String?) async throws(BlockError) -> BlockNode {
+        switch ref {
+        case .reference(let name):
+            guard let rec = graph.find(name) else {
+                throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(name)' nor node-name='\(name)'")
+            }
+            rec.node.retain()
+            return rec.node
+        case .options(let o):
+            var inh = parent
+            if role == .backing {
+                inh.readOnly = true
+                inh.autoReadOnly = false
+            }
+            return try await open(o, inherited: inh, monitorOwned: false)
+        }
+    }
+
+    func open(_ o: BlockdevOptions, inherited: InheritedOptions, monitorOwned: Bool) async throws(BlockError) -> BlockNode {
+        try checkName(o.nodeName)
+        let eff = inherited.resolved(o)
+        if o.detectZeroes == .unmap && !eff.discardUnmap {
+            throw BlockError.invalid("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+        }
+        let policy = NodePolicy(discardUnmap: eff.discardUnmap, detectZeroes: o.detectZeroes ?? .off)
+        var readOnly = eff.readOnly
+        let node: BlockNode
+        switch o.driver {
+        case .file(let f):
+            node = try openFile(f, eff, &readOnly, policy)
+            register(node, o, eff, readOnly, monitorOwned)
+        case .nullCo(let n):
+            node = BlockNode(driver: NullDriver(size: n.size, readZeroes: n.readZeroes, latencyNs: n.latencyNs),
+                             filename: "null-co://", readOnly: readOnly, policy: policy)
+            register(node, o, eff, readOnly, monitorOwned)
+        case .raw(let r):
+            if r.offset != nil || r.size != nil {
+                throw BlockError.unsupported("raw: the 'offset' and 'size' options are not supported")
+            }
+            let file = try await child(r.file, parent: eff, role: .file, parentName: o.nodeName)
+            if file.readOnly && !readOnly {
+                if eff.autoReadOnly { readOnly = true } else {
+                    try? await file.close()
+                    throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+                }
+            }
+            node = BlockNode(driver: RawDriver(file: file), filename: file.filename, readOnly: readOnly, policy: policy)
+            do throws(BlockError) {
+                try checkEdges(node)
+            } catch {
+                try? await node.close()
+                throw error
+            }
+            register(node, o, eff, readOnly, monitorOwned)
+        case .qcow2(let q):
+            node = try await openQcow2(q, o, eff, &readOnly, policy, monitorOwned)
+        }
+        return node
+    }
+
+    private func register(_ node: BlockNode, _ o: BlockdevOptions, _ eff: InheritedOptions,
+                          _ readOnly: Bool, _ monitorOwned: Bool) {
+        var e = eff
+        e.readOnly = readOnly
+        graph.register(node, name: o.nodeName, monitorOwned: monitorOwned, opts: e)
+    }
+
+    private func checkEdges(_ node: BlockNode) throws(BlockError) {
+        for c in node.children {
+            try graph.checkNewEdge(graph.edge(parent: node, child: c))
+        }
+    }
+
+    private func openFile(_ f: FileOptions, _ eff: InheritedOptions, _ readOnly: inout Bool,
+                          _ policy: NodePolicy) throws(BlockError) -> BlockNode {
+        if f.filename.isEmpty {
+            throw BlockError.invalid("The 'file' block driver requires a file name")
+        }
+        if let aio = f.aio, aio != "threads" && aio != "native" && aio != "io_uring" {
+            throw BlockError.invalid("Parameter 'aio' does not accept value '\(aio)'")
+        }
+        let lock: ImageLock? = f.locking == .off ? nil : .unused
+        do throws(BlockError) {
+            return try FileDriver.open(f.filename, readOnly: readOnly, direct: eff.cacheDirect, noFlush: eff.cacheNoFlush,
+                                       unmap: policy.discardUnmap, lock: lock, policy: policy)
+        } catch {
+            guard !readOnly, eff.autoReadOnly, error.errno == EACCES || error.errno == EROFS || error.errno == EPERM else {
+                throw error
+            }
+            readOnly = true
+            return try FileDriver.open(f.filename, readOnly: true, direct: eff.cacheDirect, noFlush: eff.cacheNoFlush,
+                                       unmap: policy.discardUnmap, lock: lock, policy: policy)
+        }
+    }
+
+    private func openQcow2(_ q: Qcow2Options, _ o: BlockdevOptions, _ eff: InheritedOptions,
+                                    _ readOnly: inout Bool, _ policy: NodePolicy,
+                                    _ monitorOwned: Bool) async throws(BlockError) -> BlockNode {
+        let file = try await child(q.file, parent: eff, role: .file, parentName: o.nodeName)
+        if file.readOnly && !readOnly {
+            if eff.autoReadOnly { readOnly = true } else {
+                try? await file.close()
+                throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+            }
+        }
+        var qo = Qcow2OpenOptions()
+        qo.readOnly = readOnly
+        qo.noFlush = eff.cacheNoFlush
+        if let l2 = q.l2CacheSize { qo.l2CacheBytes = Int(l2) }
+        let img: Qcow2Image
+        do throws(BlockError) {
+            img = try await Qcow2Image.open(file: file, options: qo)
+        } catch {
+            try? await file.close()
+            throw error
+        }
+        let node = BlockNode(driver: img, filename: file.filename, readOnly: readOnly, policy: policy)
+        do throws(BlockError) {
+            try checkEdges(node)
+        } catch {
+            try? await node.close()
+            throw error
+        }
+        register(node, o, eff, readOnly, monitorOwned)
+        do throws(BlockError) {
+            switch q.backing {
+            case .some(.none):
+                break
+            case .some(.some(let ref)):
+                let b = try await child(ref, parent: eff, role: .backing, parentName: o.nodeName)
+                img.setBacking(b)
+            case .none:
+                if let name = img.backingFileName, !name.isEmpty {
+                    try await openDefaultBacking(img, node, name, eff)
+                }
+            }
+        } catch {
+            try? await node.close()
+            throw error
+        }
+        return node
+    }
+
+    /// The backing chain named in the image headers, every node implicit.
+    private func openDefaultBacking(_ img: Qcow2Image, _ node: BlockNode, _ name: String,
+                                             _ eff: InheritedOptions) async throws(BlockError) {
+        let path = ImageOpener.resolveBackingPath(name, overlay: node.filename)
+        var io = ImageOpenOptions()
+        io.format = img.backingFormat
+        io.readOnly = true
+        io.cacheDirect = eff.cacheDirect
+        io.noFlush = eff.cacheNoFlush
+        io.unmap = eff.discardUnmap
+        let chain: BlockNode
+        do throws(BlockError) {
+            chain = try await ImageOpener.open(path, io)
+        } catch {
+            if error.message.hasPrefix("Could not open backing file: ") || error.message.contains("infinite loop") {
+                throw error
+            }
+            throw error.prefixed("Could not open backing file: ")
+        }
+        img.setBacking(chain)
+        // Name the chain as QEMU does: each layer's file, then the layer, then its backing.
+        var layer: BlockNode? = chain
+        var inh = eff
+        inh.readOnly = true
+        inh.autoReadOnly = false
+        while let l = layer {
+            if let f = l.file, l !== f {
+                graph.register(f, name: nil, monitorOwned: false, opts: inh)
+            }
+            graph.register(l, name: nil, monitorOwned: false, opts: inh)
+            layer = l.backing
+        }
+    }
+}
