@@ -1,6 +1,7 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import LaminaJSON
 import Qcow2
 
 /// `check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
