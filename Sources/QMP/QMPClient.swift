@@ -13,12 +13,15 @@ public struct QMPClientError: Error, CustomStringConvertible, Sendable {
 /// against qemu-storage-daemon): connect to a UNIX socket, read the
 /// greeting, negotiate, execute commands, collect events.
 ///
-/// Every read waits at most `timeout` seconds. Not thread-safe: use from
-/// one thread (blocking calls; do not call from an event loop).
-public final class QMPClient {
+/// Every read waits at most `timeout` seconds. Blocking calls: never use
+/// it on an event loop or the cooperative pool's threads for long. It may
+/// be handed from thread to thread but must not be used concurrently.
+public final class QMPClient: @unchecked Sendable {
     private var fd: Int32
     private var buffer: [UInt8] = []
-    public let timeout: Double
+    /// Bytes of `buffer` already searched for a newline.
+    private var scanned = 0
+    public var timeout: Double
     /// The greeting received on connect.
     public private(set) var greeting: JSON = .null
     /// Events received so far (while waiting for responses), oldest first.
@@ -80,9 +83,10 @@ public final class QMPClient {
     /// The next line, without its CR LF; throws on timeout or end of stream.
     public func readLine() throws -> [UInt8] {
         while true {
-            if let nl = buffer.firstIndex(of: 0x0A) {
+            if let nl = buffer[scanned...].firstIndex(of: 0x0A) {
                 var line = Array(buffer[..<nl])
                 buffer.removeFirst(nl + 1)
+                scanned = 0
                 if line.last == 0x0D { line.removeLast() }
                 return line
             }
@@ -100,6 +104,7 @@ public final class QMPClient {
                 if errno == EINTR { continue }
                 throw QMPClientError("recv: errno \(errno)")
             }
+            scanned = buffer.count
             buffer += chunk[..<n]
         }
     }

@@ -1,0 +1,169 @@
+import Foundation
+import LaminaJSON
+import NIOPosix
+import QMP
+import ServerKit
+import Synchronization
+import Testing
+
+/// A temporary directory (short path: UNIX socket paths are limited to
+/// 107 bytes), removed when released.
+final class TempDir: @unchecked Sendable {
+    let path: String
+    init() {
+        path = "/tmp/lamina-qmp-" + String(UUID().uuidString.prefix(8))
+        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    func file(_ name: String) -> String { path + "/" + name }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// A dispatcher with a few commands shaped like the daemon's, enough to
+/// exercise the server and to answer like QSD for argument mistakes.
+final class DummyDispatcher: QMPDispatcher {
+    let commandNames = ["query-version", "query-commands", "quit", "echo", "sleep", "big", "emit",
+                        "blockdev-del", "query-named-block-nodes"]
+    /// Set after the server exists, so "emit" can send events.
+    let server = Mutex<QMPServer?>(nil)
+    let quitCount = Atomic<Int>(0)
+    let running = Atomic<Int>(0)
+    let maxRunning = Atomic<Int>(0)
+
+    func dispatch(_ command: String, arguments: JSON, monitor: QMPMonitorInfo) async -> QMPReply {
+        let now = running.add(1, ordering: .sequentiallyConsistent).newValue
+        _ = maxRunning.max(now, ordering: .sequentiallyConsistent)
+        defer { running.subtract(1, ordering: .sequentiallyConsistent) }
+        do throws(QMPError) {
+            let a = try QAPIInput(arguments)
+            switch command {
+            case "query-version":
+                try a.finish()
+                return .success(QMPSessionTests.version)
+            case "query-commands":
+                try a.finish()
+                return .success(.array((["qmp_capabilities"] + commandNames).reversed().map { ["name": .string($0)] }))
+            case "quit":
+                try a.finish()
+                return .success(afterSend: { self.quitCount.add(1, ordering: .sequentiallyConsistent) })
+            case "echo":
+                let v = a.optionalAny("value") ?? .null
+                try a.finish()
+                return .success(["value": v, "monitor": .string(monitor.monitorID ?? "")])
+            case "sleep":
+                let ms = try a.int64("ms")
+                try a.finish()
+                try? await Task.sleep(for: .milliseconds(ms))
+                return .success(["slept": .int(ms)])
+            case "big":
+                let n = try a.int64("bytes")
+                try a.finish()
+                return .success(.string(String(repeating: "x", count: Int(n))))
+            case "emit":
+                let name = try a.string("event")
+                let data = a.optionalAny("data")
+                try a.finish()
+                server.withLock { $0 }?.emit(event: name, data: data)
+                return .success()
+            case "blockdev-del":
+                let node = try a.string("node-name")
+                try a.finish()
+                return .failure(QMPError("Failed to find node with node-name='\(node)'"))
+            case "query-named-block-nodes":
+                _ = try a.optionalBool("flat")
+                try a.finish()
+                return .success([])
+            default:
+                return .failure(.commandNotFound(command))
+            }
+        } catch {
+            return .failure(error)
+        }
+    }
+}
+
+/// An in-process server with `DummyDispatcher` on one or more UNIX sockets.
+final class TestServer: @unchecked Sendable {
+    let dir = TempDir()
+    let loops = DaemonLoops(threads: 2)
+    let dispatcher = DummyDispatcher()
+    let server: QMPServer
+
+    init() {
+        server = QMPServer(group: loops.group, dispatcher: dispatcher, version: QMPSessionTests.version)
+        dispatcher.server.withLock { $0 = server }
+    }
+
+    /// Starts a monitor at `dir/name`; returns its path.
+    @discardableResult
+    func listen(_ name: String = "m.sock", id: String? = nil, style: QMPOutputStyle = .compact) async throws -> String {
+        let path = dir.file(name)
+        try await server.listen(on: .unix(path: path), monitorID: id, style: style)
+        return path
+    }
+
+    func shutdown() async {
+        await server.close()
+        await loops.shutdown()
+    }
+}
+
+/// Runs blocking client code off the cooperative pool.
+func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { c in
+        Thread.detachNewThread { c.resume(with: Result { try body() }) }
+    }
+}
+
+/// A qemu-storage-daemon process with one QMP monitor, killed on release.
+final class QSDProcess: @unchecked Sendable {
+    let process = Process()
+    let socket: String
+
+    init(dir: TempDir) throws {
+        socket = dir.file("qsd.sock")
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["qemu-storage-daemon", "--chardev", "socket,id=m,path=\(socket),server=on,wait=off",
+                             "--monitor", "chardev=m"]
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) {
+            if Date() > deadline || !process.isRunning { throw QMPClientError("qemu-storage-daemon did not start") }
+            usleep(20_000)
+        }
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// Runs a program with a timeout; returns (status, stdout, stderr).
+func runProcess(_ args: [String], timeout: TimeInterval = 60) throws -> (Int32, String, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    let o = Mutex(Data()), e = Mutex(Data())
+    let group = DispatchGroup()
+    group.enter()
+    DispatchQueue.global().async { let d = out.fileHandleForReading.readDataToEndOfFile(); o.withLock { $0 = d }; group.leave() }
+    group.enter()
+    DispatchQueue.global().async { let d = err.fileHandleForReading.readDataToEndOfFile(); e.withLock { $0 = d }; group.leave() }
+    if group.wait(timeout: .now() + timeout) == .timedOut {
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        return (-1, "", "timeout")
+    }
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o.withLock { $0 }, as: UTF8.self), String(decoding: e.withLock { $0 }, as: UTF8.self))
+}
