@@ -35,6 +35,7 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
     private var queueHead = 0
     private var running = false
     private var readPending = false
+    private var activateWhenActive = false
 
     init(session: QMPSession, info: QMPMonitorInfo, style: QMPOutputStyle, dispatcher: any QMPDispatcher,
          onClose: @escaping @Sendable (UInt64) -> Void) {
@@ -57,9 +58,14 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
         self.context = nil
     }
 
-    /// Starts the QMP conversation: greeting, then reading.
+    /// Starts the QMP conversation: greeting, then reading. Before the
+    /// channel is active this is remembered and done on channelActive.
     func activate() {
-        guard !activated, !closed, context != nil else { return }
+        guard !activated, !closed, let context else { return }
+        guard context.channel.isActive else {
+            activateWhenActive = true
+            return
+        }
         activated = true
         write(session.greeting, flush: true)
         resumeReadingIfAllowed()
@@ -89,6 +95,14 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
             }
         }
         pump()
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        if activateWhenActive {
+            activateWhenActive = false
+            activate()
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -150,15 +164,7 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
     }
 
     private func dispatch(_ request: QMPRequest) {
-        guard let bound else { return }
-        let dispatcher = self.dispatcher
-        let info = self.info
-        Task {
-            let reply = await dispatcher.dispatch(request.command, arguments: request.arguments, monitor: info)
-            bound.eventLoop.execute {
-                bound.value.finished(request, reply, inBand: true)
-            }
-        }
+        startCommand(request, inBand: true)
     }
 
     private func runOutOfBand(_ input: QMPInput) {
@@ -166,26 +172,35 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
         case .respond(let json):
             write(json, flush: true)
         case .execute(let request):
-            guard let bound else { return }
-            let dispatcher = self.dispatcher
-            let info = self.info
-            Task {
-                let reply = await dispatcher.dispatch(request.command, arguments: request.arguments, monitor: info)
-                bound.eventLoop.execute { bound.value.finished(request, reply, inBand: false) }
+            startCommand(request, inBand: false)
+        }
+    }
+
+    /// Runs the command in a Task; the response is encoded there too (a
+    /// large result never occupies the event loop), then written here.
+    private func startCommand(_ request: QMPRequest, inBand: Bool) {
+        guard let bound else { return }
+        let dispatcher = self.dispatcher
+        let info = self.info
+        let style = self.style
+        Task {
+            let reply = await dispatcher.dispatch(request.command, arguments: request.arguments, monitor: info)
+            let line = QMPSession.response(to: request, result: reply.result).qmpLine(style)
+            bound.eventLoop.execute {
+                bound.value.finished(line, reply.afterSend, inBand: inBand)
             }
         }
     }
 
-    private func finished(_ request: QMPRequest, _ reply: QMPReply, inBand: Bool) {
-        let response = session.response(to: request, result: reply.result)
+    private func finished(_ line: [UInt8], _ afterSend: (@Sendable () -> Void)?, inBand: Bool) {
         if closed || context == nil {
-            reply.afterSend?()
+            afterSend?()
         } else {
             let promise = context!.eventLoop.makePromise(of: Void.self)
-            if let after = reply.afterSend {
-                promise.futureResult.whenComplete { _ in after() }
+            if let afterSend {
+                promise.futureResult.whenComplete { _ in afterSend() }
             }
-            write(response, flush: true, promise: promise)
+            writeLine(line, flush: true, promise: promise)
         }
         if inBand {
             running = false
@@ -194,11 +209,15 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
     }
 
     private func write(_ json: JSON, flush: Bool, promise: EventLoopPromise<Void>? = nil) {
+        writeLine(json.qmpLine(style), flush: flush, promise: promise)
+    }
+
+    private func writeLine(_ line: [UInt8], flush: Bool, promise: EventLoopPromise<Void>? = nil) {
         guard let context, !closed else {
             promise?.succeed(())
             return
         }
-        let buffer = context.channel.allocator.buffer(bytes: json.qmpLine(style))
+        let buffer = context.channel.allocator.buffer(bytes: line)
         if flush {
             context.writeAndFlush(wrapOutboundOut(buffer), promise: promise)
         } else {

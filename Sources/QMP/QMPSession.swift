@@ -143,6 +143,12 @@ public struct QMPSession: Sendable {
 
     /// The response to a dispatched command.
     public func response(to request: QMPRequest, result: Result<JSON, QMPError>) -> JSON {
+        QMPSession.response(to: request, result: result)
+    }
+
+    /// The response to a dispatched command (`{"return": ...}` or
+    /// `{"error": ...}`, plus the request's id); independent of state.
+    public static func response(to request: QMPRequest, result: Result<JSON, QMPError>) -> JSON {
         switch result {
         case .success(let value):
             var members: [(String, JSON)] = [("return", value)]

@@ -80,6 +80,24 @@ import Testing
         await t.shutdown()
     }
 
+    /// The event line has QSD's member order:
+    /// {"timestamp": {"seconds": S, "microseconds": U}, "event": ..., "data": ...}
+    @Test func eventLineFormat() async throws {
+        let t = TestServer()
+        let path = try await t.listen()
+        try await blocking {
+            let c = try QMPClient(unixPath: path)
+            try c.negotiate()
+            try c.send(#"{"execute":"emit","arguments":{"event":"BLOCK_EXPORT_DELETED","data":{"id":"e"}}}"#)
+            let line = String(decoding: try c.readLine(), as: UTF8.self)
+            #expect(line.hasPrefix(#"{"timestamp": {"seconds": "#))
+            #expect(line.contains(#", "microseconds": "#))
+            #expect(line.hasSuffix(#"}, "event": "BLOCK_EXPORT_DELETED", "data": {"id": "e"}}"#))
+            #expect(try c.readLine() == Array(#"{"return": {}}"#.utf8))
+        }
+        await t.shutdown()
+    }
+
     @Test func commandsAreOrderedPerMonitorAndConcurrentAcrossMonitors() async throws {
         let t = TestServer()
         let p1 = try await t.listen("a.sock")
