@@ -44,6 +44,16 @@ import Testing
         #expect(String(decoding: v.qmpLine(), as: UTF8.self) == "{\"return\": {\"a\": 1}}\r\n")
     }
 
+    /// `--monitor pretty=on` bytes from QSD 7.2.
+    @Test func prettyQMPLines() {
+        let ret: JSON = ["return": .emptyObject]
+        #expect(ret.qmpLine(.pretty) == Array("{\r\n    \"return\": {\r\n    }\r\n}\r\n".utf8))
+        let err = QMPError.commandNotFound("x").response(id: [])
+        #expect(String(decoding: err.qmpLine(.pretty), as: UTF8.self)
+            == "{\r\n    \"id\": [\r\n    ],\r\n    \"error\": {\r\n        \"class\": \"CommandNotFound\",\r\n"
+            + "        \"desc\": \"The command x has not been found\"\r\n    }\r\n}\r\n")
+    }
+
     @Test func accessorsAndEquality() {
         var v: JSON = ["a": "x", "n": 5, "u": .uint(7), "l": [1, 2]]
         #expect(v["a"]?.stringValue == "x")
