@@ -18,3 +18,8 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# QEMU's own QMP client (Python), used by the monitor tests.
+if ! python3 -c 'import qemu.qmp' >/dev/null 2>&1; then
+    echo "installing: qemu.qmp (pip)" >&2
+    python3 -m pip install -q qemu.qmp 2>/dev/null || python3 -m pip install -q --break-system-packages qemu.qmp
+fi

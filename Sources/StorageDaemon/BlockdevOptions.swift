@@ -67,9 +67,11 @@ public struct Qcow2Options: Sendable {
 }
 
 public struct NullOptions: Sendable {
-    public var size: Int64 = 1 << 30
-    public var readZeroes = false
-    public var latencyNs: Int64 = 0
+    /// nil: not given (defaults 1 GiB, off, 0). Given options show in the
+    /// node's filename as QEMU's "json:{...}" pseudo-filename.
+    public var size: Int64?
+    public var readZeroes: Bool?
+    public var latencyNs: Int64?
     public init() {}
 }
 

@@ -32,6 +32,8 @@ final class CreateJobDriver: JobDriver, Sendable {
 
     func run(_ job: Job) async throws(BlockError) {
         job.progressSetRemaining(1)
+        // QEMU counts the one step as done whether or not it succeeded.
+        defer { job.progressUpdate(1) }
         switch options {
         case .file(let filename, let size, let prealloc):
             try await createFile(filename, size, prealloc)
@@ -56,7 +58,6 @@ final class CreateJobDriver: JobDriver, Sendable {
                 try await ImageCreator.createQcow2(path: f.filename, options: o)
             }
         }
-        job.progressUpdate(1)
     }
 
     private func createFile(_ path: String, _ size: Int64, _ prealloc: Preallocation) async throws(BlockError) {

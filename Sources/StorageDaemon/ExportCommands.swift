@@ -42,6 +42,7 @@ enum ExportCommands {
         ("nbd-server-add", { d, a throws(QMPError) in
             let device = try a.string("device")
             var o = NBDExportOptions(id: "", nodeName: device)
+            o.legacy = true
             o.name = try a.optionalString("name")
             o.description = try a.optionalString("description")
             o.writable = try a.optionalBool("writable") ?? false

@@ -13,6 +13,8 @@ struct NBDExportOptions: Sendable {
     var writethrough = false
     var allocationDepth = false
     var bitmaps: [String] = []
+    /// Added by the legacy nbd-server-add (which looks the node up as a device too).
+    var legacy = false
 }
 
 /// One block export (QEMU's BlockExport): an NBD export of a node.
@@ -60,7 +62,7 @@ final class ExportRegistry {
         }
         guard nbd.isRunning else { throw BlockError.invalid("NBD server not running") }
         guard let rec = graph.find(o.nodeName) else {
-            throw BlockError(.notFound, errno: 2, "Cannot find device='\(o.nodeName)' nor node-name='\(o.nodeName)'")
+            throw BlockError(.notFound, errno: 2, "Cannot find device='\(o.legacy ? o.nodeName : "")' nor node-name='\(o.nodeName)'")
         }
         let name = o.name ?? o.nodeName
         if name.utf8.count > 4096 {

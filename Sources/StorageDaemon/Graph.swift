@@ -20,6 +20,16 @@ extension ImageLock.Permissions {
         return out
     }
 
+    /// bdrv_perm_names: human names, in QEMU's bit order.
+    var qemuNames: [String] {
+        var out: [String] = []
+        if contains(.consistentRead) { out.append("consistent read") }
+        if contains(.write) { out.append("write") }
+        if contains(.writeUnchanged) { out.append("write unchanged") }
+        if contains(.resize) { out.append("resize") }
+        return out
+    }
+
     var qapiSingleNames: [String] {
         var out: [String] = []
         if contains(.consistentRead) { out.append("consistent-read") }
@@ -78,9 +88,22 @@ struct GraphEdge {
 
     var parentDescription: String {
         switch parent {
-        case .node(let n): return n.nodeName
-        case .root(let r): return "block export '\(r.exportID)'"
+        case .node(let n): return "node '\(n.nodeName)'"
+        case .root: return "block device"
         }
+    }
+
+    func sameParent(as other: GraphEdge) -> Bool {
+        switch (parent, other.parent) {
+        case (.node(let a), .node(let b)): return a === b
+        case (.root(let a), .root(let b)): return a.exportID == b.exportID
+        default: return false
+        }
+    }
+
+    /// QEMU's bdrv_child_user_desc.
+    var userDescription: String {
+        "\(parentDescription) (uses node '\(child.nodeName)' as '\(role)' child)"
     }
 }
 
@@ -187,21 +210,23 @@ final class Graph {
     }
 
     /// Checks that a new edge into `child` is compatible with the existing
-    /// ones (QEMU's permission conflict errors).
+    /// ones, with QEMU 7.2's permission-conflict message.
     func checkNewEdge(_ new: GraphEdge) throws(BlockError) {
         if new.perm.contains(.write) && new.child.readOnly {
             throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
         }
-        for e in edges(into: new.child) {
-            if let bad = Perm.firstName(new.perm.subtracting(e.shared)) {
-                throw BlockError(.busy, errno: EPERM,
-                    "Conflicts with use by \(e.parentDescription) as '\(e.role)', which does not allow '\(bad)' on \(new.child.nodeName)")
-            }
-            if let bad = Perm.firstName(e.perm.subtracting(new.shared)) {
-                throw BlockError(.busy, errno: EPERM,
-                    "Conflicts with use by \(e.parentDescription) as '\(e.role)', which uses '\(bad)' on \(new.child.nodeName)")
-            }
+        for e in edges(into: new.child) where !e.sameParent(as: new) {
+            let a = e.perm.subtracting(new.shared)
+            if !a.isEmpty { throw conflict(a, requiredBy: e, unsharedBy: new) }
+            let b = new.perm.subtracting(e.shared)
+            if !b.isEmpty { throw conflict(b, requiredBy: new, unsharedBy: e) }
         }
+    }
+
+    private func conflict(_ perms: Perm, requiredBy a: GraphEdge, unsharedBy b: GraphEdge) -> BlockError {
+        let child = a.child.nodeName
+        return BlockError(.busy, errno: EPERM,
+            "Permission conflict on node '\(child)': permissions '\(perms.qemuNames.joined(separator: ", "))' are both required by \(a.userDescription) and unshared by \(b.userDescription).")
     }
 
     /// Re-applies the image-lock bytes of every file node from the
@@ -230,11 +255,5 @@ final class Graph {
             n = b.backing
         }
         return d
-    }
-}
-
-extension ImageLock.Permissions {
-    static func firstName(_ p: ImageLock.Permissions) -> String? {
-        p.qapiSingleNames.first
     }
 }

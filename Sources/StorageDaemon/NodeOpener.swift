@@ -5,6 +5,7 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import FileDriver
+import LaminaJSON
 import Qcow2
 import RawDriver
 
@@ -89,8 +90,9 @@ struct NodeOpener {
             node = try openFile(f, eff, &readOnly, policy)
             register(node, o, eff, readOnly, monitorOwned)
         case .nullCo(let n):
-            node = BlockNode(driver: NullDriver(size: n.size, readZeroes: n.readZeroes, latencyNs: n.latencyNs),
-                             filename: "null-co://", readOnly: readOnly, policy: policy)
+            node = BlockNode(driver: NullDriver(size: n.size ?? 1 << 30, readZeroes: n.readZeroes ?? false,
+                                                latencyNs: n.latencyNs ?? 0),
+                             filename: Self.nullFilename(n), readOnly: readOnly, policy: policy)
             register(node, o, eff, readOnly, monitorOwned)
         case .raw(let r):
             if r.offset != nil || r.size != nil {
@@ -104,13 +106,13 @@ struct NodeOpener {
                 }
             }
             node = BlockNode(driver: RawDriver(file: file), filename: file.filename, readOnly: readOnly, policy: policy)
+            register(node, o, eff, readOnly, monitorOwned)
             do throws(BlockError) {
                 try checkEdges(node)
             } catch {
                 try? await node.close()
                 throw error
             }
-            register(node, o, eff, readOnly, monitorOwned)
         case .qcow2(let q):
             node = try await openQcow2(q, o, eff, &readOnly, policy, monitorOwned)
         }
@@ -122,6 +124,16 @@ struct NodeOpener {
         var e = eff
         e.readOnly = readOnly
         graph.register(node, name: o.nodeName, monitorOwned: monitorOwned, opts: e)
+    }
+
+    /// QEMU's bdrv_refresh_filename for null-co: "null-co://" unless
+    /// options were given, then "json:" and the options.
+    static func nullFilename(_ n: NullOptions) -> String {
+        var m: [(String, JSON)] = [("driver", .string("null-co"))]
+        if let v = n.size { m.append(("size", .int(v))) }
+        if let v = n.latencyNs { m.append(("latency-ns", .int(v))) }
+        if let v = n.readZeroes { m.append(("read-zeroes", .bool(v))) }
+        return m.count == 1 ? "null-co://" : "json:" + JSON.object(m).compact
     }
 
     private func checkEdges(_ node: BlockNode) throws(BlockError) {
@@ -174,14 +186,10 @@ struct NodeOpener {
             throw error
         }
         let node = BlockNode(driver: img, filename: file.filename, readOnly: readOnly, policy: policy)
-        do throws(BlockError) {
-            try checkEdges(node)
-        } catch {
-            try? await node.close()
-            throw error
-        }
+        // Named before the permission check, so its errors can name it.
         register(node, o, eff, readOnly, monitorOwned)
         do throws(BlockError) {
+            try checkEdges(node)
             switch q.backing {
             case .some(.none):
                 break

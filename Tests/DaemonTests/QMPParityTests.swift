@@ -1,0 +1,153 @@
+import Foundation
+import LaminaJSON
+import QMP
+import Testing
+
+/// The same QMP conversation with qemu-storage-daemon and with
+/// lamina-storage-daemon: every answer must agree (error class exactly,
+/// desc exactly), and the events must come in the same order.
+@Suite("QMP parity with qemu-storage-daemon", .serialized)
+struct QMPParityTests {
+    /// One step: a command and its arguments (JSON text).
+    typealias Step = (String, String)
+
+    static func script(_ dir: String) -> [Step] {
+        let img = dir + "/a.qcow2"
+        return [
+            ("qmp_capabilities", "{}"),
+            ("no-such-command", "{}"),
+            ("blockdev-add", "{}"),
+            ("blockdev-add", #"{"driver": "bogus", "node-name": "x"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": 5}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": "\#(img)", "bogus": 1}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": "\#(dir)/missing.qcow2"}"#),
+            ("blockdev-add", #"{"driver": "file", "filename": "\#(img)"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "1bad", "filename": "\#(img)"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "abcdefghijabcdefghijabcdefghij12", "filename": "\#(img)"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": "\#(img)", "cache": {"direct": "yes"}}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": "\#(img)", "detect-zeroes": "unmap"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "x", "filename": "\#(img)", "detect-zeroes": "sometimes"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "q9", "file": 7}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "q9", "file": "nope"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "f0", "filename": "\#(img)"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "q0", "file": "f0"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "q1", "file": "f0"}"#),
+            ("blockdev-add", #"{"driver": "null-co", "node-name": "q0"}"#),
+            ("blockdev-add", #"{"driver": "null-co", "node-name": "n0", "size": 1048576, "read-zeroes": true}"#),
+            ("blockdev-del", #"{"node-name": "nope"}"#),
+            ("blockdev-del", #"{"node-name": "f0"}"#),
+            ("blockdev-del", #"{}"#),
+            ("query-named-block-nodes", #"{"flat": "x"}"#),
+            ("nbd-server-stop", "{}"),
+            ("block-export-add", #"{"type": "nbd", "id": "e0", "node-name": "q0"}"#),
+            ("nbd-server-add", #"{"device": "q0"}"#),
+            ("nbd-server-start", #"{"addr": {"type": "unix", "data": {"path": "\#(dir)/nbd.sock"}}}"#),
+            ("nbd-server-start", #"{"addr": {"type": "unix", "data": {"path": "\#(dir)/nbd2.sock"}}}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e0", "node-name": "nonode"}"#),
+            ("block-export-add", #"{"type": "vhost", "id": "e0", "node-name": "q0"}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e0", "node-name": "q0", "writable": "yes"}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e0", "node-name": "q0", "writable": true}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e0", "node-name": "n0"}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e1", "node-name": "n0", "name": "q0"}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "e1", "node-name": "n0", "name": "other", "description": "d", "allocation-depth": true}"#),
+            ("nbd-server-add", #"{"device": "nonode"}"#),
+            ("nbd-server-add", #"{"device": "n0", "name": "legacy"}"#),
+            ("query-block-exports", "{}"),
+            ("blockdev-del", #"{"node-name": "q0"}"#),
+            ("block-export-del", #"{"id": "nope"}"#),
+            ("nbd-server-remove", #"{"name": "nope"}"#),
+            ("block-export-del", #"{"id": "e1", "mode": "sideways"}"#),
+            ("block-export-del", #"{"id": "e1"}"#),
+            ("nbd-server-remove", #"{"name": "legacy"}"#),
+            ("query-block-exports", "{}"),
+            ("job-dismiss", #"{"id": "nope"}"#),
+            ("blockdev-create", #"{"job-id": "1c", "options": {"driver": "file", "filename": "\#(dir)/new.img", "size": 0}}"#),
+            ("blockdev-create", #"{"job-id": "c1", "options": {"driver": "file", "filename": "\#(dir)/new.img"}}"#),
+            ("blockdev-create", #"{"job-id": "c1", "options": {"driver": "file", "filename": "\#(dir)/new.img", "size": 1048576}}"#),
+            ("blockdev-create", #"{"job-id": "c1", "options": {"driver": "file", "filename": "\#(dir)/new2.img", "size": 0}}"#),
+            ("job-finalize", #"{"id": "c1"}"#),
+            ("job-dismiss", #"{"id": "c1"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "nf", "filename": "\#(dir)/new.img"}"#),
+            ("blockdev-create", #"{"job-id": "c2", "options": {"driver": "qcow2", "file": "nf", "size": 1048576, "cluster-size": 1000}}"#),
+            ("job-dismiss", #"{"id": "c2"}"#),
+            ("blockdev-create", #"{"job-id": "c3", "options": {"driver": "qcow2", "file": "nowhere", "size": 1048576}}"#),
+            ("job-dismiss", #"{"id": "c3"}"#),
+            ("blockdev-create", #"{"job-id": "c4", "options": {"driver": "qcow2", "file": "nf", "size": 1048576, "backing-file": "\#(img)", "backing-fmt": "qcow2"}}"#),
+            ("job-dismiss", #"{"id": "c4"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "nq", "file": "nf"}"#),
+            ("query-named-block-nodes", "{}"),
+            ("query-named-block-nodes", #"{"flat": true}"#),
+            ("nbd-server-stop", "{}"),
+            ("query-block-exports", "{}"),
+            ("blockdev-del", #"{"node-name": "nq"}"#),
+            ("blockdev-del", #"{"node-name": "nf"}"#),
+            ("blockdev-del", #"{"node-name": "q0"}"#),
+            ("blockdev-del", #"{"node-name": "f0"}"#),
+            ("qmp_capabilities", "{}"),
+        ]
+    }
+
+    /// Runs the script on one implementation; returns every message (responses and events) in order.
+    static func conversation(_ impl: Impl, _ dir: TempDir) throws -> [JSON] {
+        for f in ["a.qcow2", "new.img", "new2.img"] { unlink(dir.file(f)) }
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "64M"]).status == 0)
+        let d = try DaemonProcess(impl, dir: dir.path)
+        let c = try QMPClient(unixPath: d.qmpPath, timeout: 30)
+        var out: [JSON] = []
+        for (cmd, args) in script(dir.path) {
+            let a = try JSON.parse(args)
+            // (JSON is nil-literal expressible: spell the absent case out.)
+            let arguments: JSON? = a.objectMembers!.isEmpty ? Optional<JSON>.none : .some(a)
+            let r = try c.execute(cmd, arguments)
+            // Let a create job run to its end before the next step (events are async).
+            if cmd == "blockdev-create" && r["return"] != nil {
+                while !c.events.contains(where: { $0["data"]?["status"]?.stringValue == "concluded" }) {
+                    c.events.append(try c.readMessage())
+                }
+                out.append(contentsOf: c.events)
+                c.events.removeAll()
+            }
+            out.append(contentsOf: c.events)
+            c.events.removeAll()
+            if cmd == "blockdev-create" && r["return"] != nil {
+                out.append(try c.execute("query-jobs"))
+            }
+            out.append(r)
+        }
+        #expect(try d.quit(c) == 0)
+        return out
+    }
+
+    /// Implicit node names carry a random part in QEMU ("#block123").
+    static func normalize(_ j: JSON, _ dir: String) -> JSON {
+        switch j {
+        case .object(let m): return .object(m.filter { $0.0 != "timestamp" }.map { ($0.0, normalize($0.1, dir)) })
+        case .array(let a): return .array(a.map { normalize($0, dir) })
+        case .string(let s):
+            if s.hasPrefix("#block") { return .string("#block") }
+            return .string(s)
+        default: return j
+        }
+    }
+
+    @Test("the same mistakes get the same class and desc; the same events in the same order")
+    func conversationsMatch() throws {
+        let dir = TempDir()
+        let q = try Self.conversation(.qemu, dir)
+        let l = try Self.conversation(.lamina, dir)
+        #expect(q.count == l.count)
+        for (i, (a, b)) in zip(q, l).enumerated() {
+            var qa = Self.normalize(a, dir.path)
+            var la = Self.normalize(b, dir.path)
+            if case .array(let items)? = qa["return"], items.count > 1, qa["return"]?[0]?["iops_rd"] != nil {
+                // query-named-block-nodes: implicit names differ; compare as multisets
+                qa["return"] = .array(items.sorted { $0.compact < $1.compact })
+                if case .array(let li)? = la["return"] { la["return"] = .array(li.sorted { $0.compact < $1.compact }) }
+            }
+            #expect(qa == la, "message \(i) (step \(Self.stepName(i, q)))\nqemu:   \(qa.compact)\nlamina: \(la.compact)")
+        }
+    }
+
+    static func stepName(_ i: Int, _ q: [JSON]) -> String { "#\(i)" }
+}
