@@ -28,7 +28,7 @@ public final class QMPClient: @unchecked Sendable {
     public var events: [JSON] = []
 
     /// Connects and reads the greeting (unless `readGreeting` is false).
-    public init(unixPath: String, timeout: Double = 10, readGreeting: Bool = true) throws {
+    public init(unixPath: String, timeout: Double = 60, readGreeting: Bool = true) throws {
         self.timeout = timeout
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw QMPClientError("socket: errno \(errno)") }

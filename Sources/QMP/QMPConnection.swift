@@ -1,5 +1,16 @@
 import LaminaJSON
 import NIOCore
+import ServerKit
+import Synchronization
+
+/// Whether a connection receives events, readable from any thread: the
+/// fan-out decides at emit time (as QEMU does under its monitor lock), not
+/// when the write reaches the connection's loop.
+final class QMPEventGate: Sendable {
+    private let on = Atomic<Bool>(false)
+    var isOpen: Bool { on.load(ordering: .acquiring) }
+    func set(_ v: Bool) { on.store(v, ordering: .releasing) }
+}
 
 /// One monitor connection: runs a `QMPSession` over a NIO channel.
 ///
@@ -36,6 +47,7 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
     private var running = false
     private var readPending = false
     private var activateWhenActive = false
+    let eventGate = QMPEventGate()
 
     init(session: QMPSession, info: QMPMonitorInfo, style: QMPOutputStyle, dispatcher: any QMPDispatcher,
          onClose: @escaping @Sendable (UInt64) -> Void) {
@@ -107,6 +119,7 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
+        eventGate.set(false)
         queue.removeAll()
         queueHead = 0
         onClose(info.connectionID)
@@ -146,7 +159,9 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
         while !running && !closed && queueHead < queue.count {
             let input = queue[queueHead]
             queueHead += 1
-            switch session.step(for: input) {
+            let step = session.step(for: input)
+            eventGate.set(negotiated)
+            switch step {
             case .respond(let json):
                 write(json, flush: false)
                 wrote = true
@@ -168,7 +183,9 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
     }
 
     private func runOutOfBand(_ input: QMPInput) {
-        switch session.step(for: input) {
+        let step = session.step(for: input)
+        eventGate.set(negotiated)
+        switch step {
         case .respond(let json):
             write(json, flush: true)
         case .execute(let request):
@@ -183,7 +200,10 @@ final class QMPConnectionHandler: ChannelDuplexHandler {
         let dispatcher = self.dispatcher
         let info = self.info
         let style = self.style
-        Task {
+        // Start on the connection's own event loop rather than the shared
+        // cooperative pool: a command that does not hop elsewhere (the
+        // daemon's hop to its control actor) never waits for a pool thread.
+        Task(executorPreference: EventLoopExecutor(bound.eventLoop)) {
             let reply = await dispatcher.dispatch(request.command, arguments: request.arguments, monitor: info)
             let line = QMPSession.response(to: request, result: reply.result).qmpLine(style)
             bound.eventLoop.execute {

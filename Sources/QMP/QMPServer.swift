@@ -23,7 +23,7 @@ public final class QMPServer: Sendable {
 
     private struct State {
         var listeners: [Listener] = []
-        var connections: [UInt64: NIOLoopBound<QMPConnectionHandler>] = [:]
+        var connections: [UInt64: (NIOLoopBound<QMPConnectionHandler>, QMPEventGate)] = [:]
         var channels: [UInt64: any Channel] = [:]
         var nextConnectionID: UInt64 = 1
         var closed = false
@@ -90,7 +90,7 @@ public final class QMPServer: Sendable {
         try channel.pipeline.syncOperations.addHandler(handler)
         guard let bound = handler.loopBound else { return }
         state.withLock { s in
-            s.connections[id] = bound
+            s.connections[id] = (bound, handler.eventGate)
             s.channels[id] = channel
         }
         if listener.arrive(id, bound) {
@@ -123,7 +123,7 @@ public final class QMPServer: Sendable {
         let compact = message.qmpLine(.compact)
         let pretty = message.qmpLine(.pretty)
         let targets = state.withLock { Array($0.connections.values) }
-        for bound in targets {
+        for (bound, gate) in targets where gate.isOpen {
             bound.eventLoop.execute {
                 let handler = bound.value
                 handler.sendEvent(handler.outputStyle == .pretty ? pretty : compact)
@@ -135,7 +135,7 @@ public final class QMPServer: Sendable {
     public func negotiatedConnectionCount() async -> Int {
         let targets = state.withLock { Array($0.connections.values) }
         var n = 0
-        for bound in targets {
+        for (bound, _) in targets {
             let ok = try? await bound.eventLoop.submit { bound.value.negotiated }.get()
             if ok == true { n += 1 }
         }

@@ -100,24 +100,28 @@ import Testing
 
     @Test func commandsAreOrderedPerMonitorAndConcurrentAcrossMonitors() async throws {
         let t = TestServer()
-        let p1 = try await t.listen("a.sock")
-        let p2 = try await t.listen("b.sock")
+        let p1 = try await t.listen("a.sock", id: "a")
+        let p2 = try await t.listen("b.sock", id: "b")
         try await blocking {
             let a = try QMPClient(unixPath: p1)
             let b = try QMPClient(unixPath: p2)
             try a.negotiate()
             try b.negotiate()
-            // Pipelined on one monitor: run one at a time, answered in order.
-            let start = Date()
-            try a.send((1...3).map { #"{"execute":"sleep","arguments":{"ms":150},"id":\#($0)}"# }.joined(separator: "\n"))
-            try b.send(#"{"execute":"sleep","arguments":{"ms":400},"id":"b"}"#)
-            let ids = try (0..<3).map { _ in try a.readResponse()["id"] }
-            #expect(ids == [1, 2, 3])
-            #expect(try b.readResponse()["id"] == "b")
-            let elapsed = Date().timeIntervalSince(start)
-            #expect(elapsed >= 0.45)
-            #expect(elapsed < 1.0)  // b's sleep overlapped a's
+            // Pipelined on one monitor: run one at a time, answered in
+            // order. Across monitors they run together: each rendezvous
+            // returns only once the other monitor's command is running.
+            try a.send(#"{"execute":"rendezvous","arguments":{"count":2},"id":1}"#
+                       + "\n" + (2...4).map { #"{"execute":"echo","id":\#($0)}"# }.joined(separator: "\n"))
+            try b.send(#"{"execute":"rendezvous","arguments":{"count":2},"id":"b"}"#)
+            let ra = try (1...4).map { _ in try a.readResponse() }
+            #expect(ra.map { $0["id"] } == [1, 2, 3, 4])
+            #expect(ra[0]["return"]?["met"] == true)
+            let rb = try b.readResponse()
+            #expect(rb["id"] == "b")
+            #expect(rb["return"]?["met"] == true)
         }
+        #expect(t.dispatcher.maxRunning(monitor: "a") == 1)
+        #expect(t.dispatcher.maxRunning(monitor: "b") == 1)
         #expect(t.dispatcher.maxRunning.load(ordering: .sequentiallyConsistent) == 2)
         await t.shutdown()
     }
@@ -135,7 +139,7 @@ import Testing
             #expect(throws: QMPClientError.self) { _ = try b.readLine() }
             try a.negotiate()
             a.close()
-            b.timeout = 10
+            b.timeout = 60
             #expect(try b.readMessage()["QMP"] != nil)
             #expect(try b.readMessage() == ["return": .emptyObject])
             #expect(try b.call("echo")["value"] == .null)

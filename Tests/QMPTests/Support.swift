@@ -22,17 +22,29 @@ final class TempDir: @unchecked Sendable {
 /// exercise the server and to answer like QSD for argument mistakes.
 final class DummyDispatcher: QMPDispatcher {
     let commandNames = ["query-version", "query-commands", "quit", "echo", "sleep", "big", "emit",
-                        "blockdev-del", "query-named-block-nodes"]
+                        "blockdev-del", "query-named-block-nodes", "rendezvous"]
     /// Set after the server exists, so "emit" can send events.
     let server = Mutex<QMPServer?>(nil)
     let quitCount = Atomic<Int>(0)
     let running = Atomic<Int>(0)
     let maxRunning = Atomic<Int>(0)
+    let meeting = Meeting()
+    /// Per monitor: (running now, most ever running at once).
+    let perMonitor = Mutex<[String: (now: Int, max: Int)]>([:])
+    func maxRunning(monitor: String) -> Int { perMonitor.withLock { $0[monitor]?.max ?? 0 } }
 
     func dispatch(_ command: String, arguments: JSON, monitor: QMPMonitorInfo) async -> QMPReply {
         let now = running.add(1, ordering: .sequentiallyConsistent).newValue
         _ = maxRunning.max(now, ordering: .sequentiallyConsistent)
-        defer { running.subtract(1, ordering: .sequentiallyConsistent) }
+        let key = monitor.monitorID ?? ""
+        perMonitor.withLock { m in
+            let e = m[key] ?? (0, 0)
+            m[key] = (e.now + 1, Swift.max(e.max, e.now + 1))
+        }
+        defer {
+            running.subtract(1, ordering: .sequentiallyConsistent)
+            perMonitor.withLock { m in m[key]!.now -= 1 }
+        }
         do throws(QMPError) {
             let a = try QAPIInput(arguments)
             switch command {
@@ -54,6 +66,14 @@ final class DummyDispatcher: QMPDispatcher {
                 try a.finish()
                 try? await Task.sleep(for: .milliseconds(ms))
                 return .success(["slept": .int(ms)])
+            case "rendezvous":
+                // Returns once `count` rendezvous commands are in progress
+                // at the same time (no polling: a starved cooperative pool
+                // must not matter).
+                let n = try a.int64("count")
+                try a.finish()
+                await meeting.arrive(count: Int(n))
+                return .success(["met": true])
             case "big":
                 let n = try a.int64("bytes")
                 try a.finish()
@@ -166,4 +186,24 @@ func runProcess(_ args: [String], timeout: TimeInterval = 60) throws -> (Int32, 
     }
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: o.withLock { $0 }, as: UTF8.self), String(decoding: e.withLock { $0 }, as: UTF8.self))
+}
+
+/// Callers wait until `count` of them have arrived, then all go on.
+final class Meeting: Sendable {
+    private let state = Mutex<(arrived: Int, waiting: [CheckedContinuation<Void, Never>])>((0, []))
+
+    func arrive(count: Int) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let release = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+                s.arrived += 1
+                if s.arrived >= count {
+                    defer { s.waiting = [] }
+                    return s.waiting + [c]
+                }
+                s.waiting.append(c)
+                return []
+            }
+            release.forEach { $0.resume() }
+        }
+    }
 }
