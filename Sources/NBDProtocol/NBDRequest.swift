@@ -93,7 +93,9 @@ extension NBDSession {
         }
         if export.flags.contains(.readOnly)
             && (type == NBDCommand.write || type == NBDCommand.writeZeroes || type == NBDCommand.trim) {
-            return .reject(error: .einval, message: "Export is read-only", payload: payload, thenClose: false)
+            // EPERM, as the NBD specification asks for writes to a read-only
+            // export (QEMU 7.2 sends EINVAL here; docs/notes/deviations.md).
+            return .reject(error: .eperm, message: "Export is read-only", payload: payload, thenClose: false)
         }
         let size = export.size
         if r.offset > size || UInt64(r.length) > size - r.offset {

@@ -51,10 +51,13 @@ final class NBDConnection: ChannelDuplexHandler {
         self.maxInFlight = server.maxRequestsPerConnection
     }
 
-    var clientID: ObjectIdentifier { ObjectIdentifier(self) }
+    /// The channel's identity: the key the server's connection table
+    /// uses, so removing an export in hard mode finds its clients' sockets.
+    private(set) var clientID = ObjectIdentifier(NBDConnection.self)
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        clientID = ObjectIdentifier(context.channel)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {

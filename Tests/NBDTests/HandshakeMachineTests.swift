@@ -1,4 +1,5 @@
 import NBDProtocol
+import TestSupport
 import Testing
 
 /// An export directory for socket-free handshake tests.

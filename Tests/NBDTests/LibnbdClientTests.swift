@@ -1,5 +1,6 @@
 import Foundation
 import NBDServer
+import TestSupport
 import Testing
 
 /// libnbd's tools (nbdinfo, nbdcopy) and fio's nbd engine against the server.
@@ -79,11 +80,11 @@ struct LibnbdClientTests {
         try await withServer(tcp: tcp) { f in
             try f.addMemoryExport("disk", size: 32 << 20)
             let uri = tcp ? f.tcpURI("disk") : f.uri("disk")
-            let r = try await run(["fio", "--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite",
+            let r = try await run(["fio", "--name=verify", "--verify_state_save=0", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite",
                                    "--bs=4k", "--size=32M", "--io_size=8M", "--iodepth=32", "--verify=crc32c",
                                    "--verify_fatal=1", "--do_verify=1", "--output-format=terse"])
             #expect(r.status == 0, "\(r)")
-            let mixed = try await run(["fio", "--name=mixed", "--ioengine=nbd", "--uri=\(uri)", "--rw=randrw",
+            let mixed = try await run(["fio", "--name=mixed", "--verify_state_save=0", "--ioengine=nbd", "--uri=\(uri)", "--rw=randrw",
                                        "--bsrange=512-64k", "--size=32M", "--io_size=8M", "--iodepth=8",
                                        "--output-format=terse"])
             #expect(mixed.status == 0, "\(mixed)")

@@ -1,5 +1,6 @@
 import Foundation
 import NBDServer
+import TestSupport
 import Testing
 
 /// QEMU's own NBD client (qemu-io, qemu-img) against the server, over UNIX

@@ -73,16 +73,19 @@ final class RawClient {
         return Glibc.recv(fd, &b, 1, 0) <= 0
     }
 
-    /// Everything the server sends until it closes or stays quiet for `quiet` seconds.
-    func drain(quiet: Double = 0.5) -> (bytes: [UInt8], closed: Bool) {
+    /// Everything the server sends until it closes or stays quiet for
+    /// `quiet` seconds (`first`: how long to wait for the first byte).
+    func drain(first: Double? = nil, quiet: Double = 0.5) -> (bytes: [UInt8], closed: Bool) {
         var out: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
+        var wait = first ?? quiet
         while true {
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            if poll(&pfd, 1, Int32(quiet * 1000)) <= 0 { return (out, false) }
+            if poll(&pfd, 1, Int32(wait * 1000)) <= 0 { return (out, false) }
             let r = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress!, 65536, 0) }
             if r <= 0 { return (out, true) }
             out += chunk.prefix(r)
+            wait = quiet
         }
     }
 

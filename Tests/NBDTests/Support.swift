@@ -2,15 +2,8 @@ import Foundation
 import NBDServer
 import NIOCore
 import ServerKit
+import TestSupport
 import Testing
-
-/// Captured result of one process run.
-struct ProcessResult: CustomStringConvertible {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-    var description: String { "rc=\(status)\n--- stdout ---\n\(stdout)--- stderr ---\n\(stderr)" }
-}
 
 /// Runs a program (looked up in PATH) with a hard timeout, off the
 /// cooperative pool; never inherits stdin.
@@ -23,37 +16,9 @@ func run(_ args: [String], timeout: TimeInterval = 60) async throws -> ProcessRe
 }
 
 func runBlocking(_ args: [String], timeout: TimeInterval) throws -> ProcessResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    var environment = ProcessInfo.processInfo.environment
-    environment["LC_ALL"] = "C"
-    p.environment = environment
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
-    let group = DispatchGroup()
-    let o = DataBox(), e = DataBox()
-    group.enter()
-    DispatchQueue.global().async { o.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { e.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    if group.wait(timeout: .now() + timeout) == .timedOut {
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        Issue.record("timed out after \(timeout)s: \(args.joined(separator: " "))")
-        return ProcessResult(status: -1, stdout: "", stderr: "timeout")
-    }
-    p.waitUntilExit()
-    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o.data, as: UTF8.self),
-                         stderr: String(decoding: e.data, as: UTF8.self))
-}
-
-/// Written by one reader thread, read after the DispatchGroup wait.
-final class DataBox: @unchecked Sendable {
-    var data = Data()
+    let r = try runProcess(args, timeout: timeout)
+    if r.timedOut { Issue.record("timed out after \(timeout)s: \(args.joined(separator: " "))") }
+    return r
 }
 
 /// A temporary directory with a short path (UNIX socket paths are limited
