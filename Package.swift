@@ -96,6 +96,7 @@ let package = Package(
         ),
         .executableTarget(name: "lamina-img", dependencies: ["ImgTool"], swiftSettings: strict),
         .executableTarget(name: "lamina-io", dependencies: ["ImgTool"], swiftSettings: strict),
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(
             name: "BlockCoreTests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph"],
@@ -119,7 +120,7 @@ let package = Package(
         .testTarget(
             name: "NBDTests",
             dependencies: [
-                "BlockCore", "NBDProtocol", "NBDServer", "ServerKit",
+                "BlockCore", "NBDProtocol", "NBDServer", "ServerKit", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -130,6 +131,7 @@ let package = Package(
             name: "DaemonTests",
             dependencies: [
                 "BlockCore", "BlockGraph", "BlockDrivers", "BlockJobs", "LaminaJSON", "QMP", "NBDServer", "StorageDaemon",
+                "TestSupport",
             ],
             swiftSettings: strict
         ),

@@ -26,6 +26,9 @@ public enum DaemonOption: Equatable, Sendable {
 /// A command-line mistake: printed as "<prog>: <message>", exit 1.
 public struct UsageError: Error {
     public var message: String
+    /// getopt's own message: QEMU lets getopt print it, naming the program
+    /// as invoked (argv[0]) rather than by its short name.
+    public var fromGetopt = false
 }
 
 /// getopt_long as QEMU uses it for qemu-storage-daemon: long options take
@@ -63,10 +66,10 @@ public enum DaemonCommandLine {
                 default: break
                 }
                 guard let make = withArgument[name] else {
-                    throw UsageError(message: "unrecognized option '\(a)'")
+                    throw UsageError(message: "unrecognized option '\(a)'", fromGetopt: true)
                 }
                 if value == nil {
-                    guard i < args.count else { throw UsageError(message: "option '--\(name)' requires an argument") }
+                    guard i < args.count else { throw UsageError(message: "option '--\(name)' requires an argument", fromGetopt: true) }
                     value = args[i]
                     i += 1
                 }
@@ -82,13 +85,13 @@ public enum DaemonCommandLine {
                         var v = String(rest)
                         rest = ""
                         if v.isEmpty {
-                            guard i < args.count else { throw UsageError(message: "option requires an argument -- 'T'") }
+                            guard i < args.count else { throw UsageError(message: "option requires an argument -- 'T'", fromGetopt: true) }
                             v = args[i]
                             i += 1
                         }
                         out.append(.trace(v))
                     default:
-                        throw UsageError(message: "invalid option -- '\(c)'")
+                        throw UsageError(message: "invalid option -- '\(c)'", fromGetopt: true)
                     }
                 }
             } else {

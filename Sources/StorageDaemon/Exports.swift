@@ -60,10 +60,12 @@ final class ExportRegistry {
         if find(o.id) != nil {
             throw BlockError.invalid("Block export id '\(o.id)' is already in use")
         }
-        guard nbd.isRunning else { throw BlockError.invalid("NBD server not running") }
+        // QEMU's blk_exp_add finds the node before the NBD driver checks
+        // that the server runs.
         guard let rec = graph.find(o.nodeName) else {
             throw BlockError(.notFound, errno: 2, "Cannot find device='\(o.legacy ? o.nodeName : "")' nor node-name='\(o.nodeName)'")
         }
+        guard nbd.isRunning else { throw BlockError.invalid("NBD server not running") }
         let name = o.name ?? o.nodeName
         if name.utf8.count > 4096 {
             throw BlockError.invalid("export name '\(name)' too long")
@@ -81,8 +83,8 @@ final class ExportRegistry {
         try graph.checkNewEdge(Graph.rootEdge(user, rec.node))
         let backend = NodeExportBackend(node: rec.node, executor: executorFor(rec.node), writable: o.writable,
                                         allocationDepth: o.allocationDepth)
-        try nbd.addExport(NBDExportConfig(name: name, description: o.description ?? "", backend: backend,
-                                          writable: o.writable))
+        _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
+                                              writable: o.writable, allocationDepth: o.allocationDepth))
         graph.rootUsers[ObjectIdentifier(rec.node), default: []].append(user)
         try? graph.updateLocks()
         exports.insert(ExportRecord(id: o.id, nbdName: name, node: rec.node, writable: o.writable), at: 0)

@@ -40,7 +40,8 @@ func runDaemon(_ options: [DaemonOption], notify: Int32) async -> Int32 {
     var sources: [any DispatchSourceSignal] = []
     for sig in [SIGTERM, SIGINT, SIGHUP] {
         let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        src.setEventHandler { Task { @ControlActor in await main.requestQuit() } }
+        // @Sendable: not isolated to ControlActor (dispatch runs it on its own queue).
+        src.setEventHandler { @Sendable in Task { @ControlActor in await main.requestQuit() } }
         src.resume()
         sources.append(src)
     }
@@ -56,7 +57,9 @@ let options: [DaemonOption]
 do {
     options = try DaemonCommandLine.parse(args)
 } catch {
-    FileHandleStderr.write("\(prog): \(error.message)\n")
+    // getopt's messages name the program as invoked (argv[0]), like QEMU's.
+    let name = error.fromGetopt ? CommandLine.arguments.first ?? prog : prog
+    FileHandleStderr.write("\(name): \(error.message)\n")
     exit(1)
 }
 if let code = DaemonMain.early(prog, options) {

@@ -1,6 +1,7 @@
 import Foundation
 import LaminaJSON
 import QMP
+import TestSupport
 import Testing
 
 /// The same QMP conversation with qemu-storage-daemon and with

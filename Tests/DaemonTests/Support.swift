@@ -1,59 +1,16 @@
 import Foundation
 import LaminaJSON
 import QMP
+import TestSupport
 import Testing
-
-/// Captured result of one process run.
-struct ProcessResult: CustomStringConvertible {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-    var description: String { "rc=\(status)\n--- stdout ---\n\(stdout)--- stderr ---\n\(stderr)" }
-}
 
 /// Runs a command (PATH lookup unless it contains '/') with a timeout.
 @discardableResult
 func run(_ args: [String], cwd: String? = nil, timeout: TimeInterval = 120, stdin: String? = nil) throws -> ProcessResult {
-    let p = Process()
-    if args[0].contains("/") {
-        p.executableURL = URL(fileURLWithPath: args[0])
-        p.arguments = Array(args.dropFirst())
-    } else {
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-    }
-    if let c = cwd { p.currentDirectoryURL = URL(fileURLWithPath: c) }
-    var env = ProcessInfo.processInfo.environment
-    env["LC_ALL"] = "C"
-    p.environment = env
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    let inPipe = Pipe()
-    p.standardInput = stdin == nil ? FileHandle.nullDevice : inPipe
-    try p.run()
-    if let s = stdin {
-        inPipe.fileHandleForWriting.write(Data(s.utf8))
-        try? inPipe.fileHandleForWriting.close()
-    }
-    let o = DataBox(), e = DataBox()
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async { o.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { e.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    if group.wait(timeout: .now() + timeout) == .timedOut {
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        Issue.record("timed out after \(timeout)s: \(args.joined(separator: " "))")
-        return ProcessResult(status: -1, stdout: "", stderr: "timeout")
-    }
-    p.waitUntilExit()
-    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o.data, as: UTF8.self),
-                         stderr: String(decoding: e.data, as: UTF8.self))
+    let r = try runProcess(args, cwd: cwd, stdin: stdin.map { Array($0.utf8) }, timeout: timeout)
+    if r.timedOut { Issue.record("timed out after \(timeout)s: \(args.joined(separator: " "))") }
+    return r
 }
-
-final class DataBox: @unchecked Sendable { var data = Data() }
 
 let productsDirectory: String = {
     for b in Bundle.allBundles where b.bundlePath.hasSuffix(".xctest") {

@@ -1,0 +1,165 @@
+import Foundation
+import LaminaJSON
+import QMP
+import TestSupport
+import Testing
+
+/// The daemon driven as operators drive qemu-storage-daemon: Python's
+/// qemu.qmp on the monitor, several monitors at once, exports removed
+/// while a client is connected. Every scenario runs against both daemons
+/// and the answers must agree.
+@Suite("Daemon driven live, compared with qemu-storage-daemon", .serialized)
+struct DaemonLiveTests {
+    /// qemu.qmp (QEMU's own QMP library) runs a small operator session.
+    /// It prints one JSON object of the answers that must not depend on
+    /// the implementation.
+    static let pythonSession = #"""
+    import asyncio, json, sys
+    from qemu.qmp import QMPClient, ExecuteError
+
+    async def main(path, d):
+        out = {}
+        qmp = QMPClient('operator')
+        await qmp.connect(path)
+        v = await qmp.execute('query-version')
+        out['version'] = [v['qemu']['major'], v['qemu']['minor']]
+        names = [c['name'] for c in await qmp.execute('query-commands')]
+        out['has_commands'] = all(n in names for n in ['blockdev-add', 'block-export-add', 'nbd-server-start', 'quit'])
+        async def err(cmd, args=None):
+            try:
+                await qmp.execute(cmd, args)
+                return None
+            except ExecuteError as e:
+                return [e.error_class, e.error.error.desc]
+        out['unknown'] = await err('no-such-command')
+        out['bad_driver'] = await err('blockdev-add', {'driver': 'nope', 'node-name': 'x'})
+        out['missing_file'] = await err('blockdev-add', {'driver': 'file', 'node-name': 'x', 'filename': d + '/missing'})
+        await qmp.execute('blockdev-add', {'driver': 'qcow2', 'node-name': 'disk',
+                                           'file': {'driver': 'file', 'filename': d + '/disk.qcow2'}})
+        nodes = await qmp.execute('query-named-block-nodes', {'flat': True})
+        out['nodes'] = sorted([n['node-name'], n['drv'], n['ro']] for n in nodes if not n['node-name'].startswith('#'))
+        await qmp.execute('nbd-server-start', {'addr': {'type': 'unix', 'data': {'path': d + '/nbd.sock'}}})
+        await qmp.execute('block-export-add', {'type': 'nbd', 'id': 'e0', 'node-name': 'disk', 'name': 'disk', 'writable': True})
+        out['exports'] = [[e['id'], e['type'], e['node-name'], e['shutting-down']] for e in await qmp.execute('query-block-exports')]
+        out['del_in_use'] = await err('blockdev-del', {'node-name': 'disk'})
+        with qmp.listener('BLOCK_EXPORT_DELETED') as listener:
+            await qmp.execute('block-export-del', {'id': 'e0'})
+            ev = await asyncio.wait_for(listener.get(), 20)
+            out['deleted_event'] = ev['data']
+        await qmp.execute('nbd-server-stop')
+        await qmp.execute('blockdev-del', {'node-name': 'disk'})
+        out['after_del'] = await qmp.execute('query-named-block-nodes')
+        await qmp.execute('quit')
+        await qmp.disconnect()
+        print(json.dumps(out, sort_keys=True))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """#
+
+    @Test("Python qemu.qmp drives both daemons through the same session with the same answers")
+    func pythonOperatorSession() throws {
+        var outputs: [Impl: String] = [:]
+        for impl in Impl.allCases {
+            let dir = TempDir()
+            #expect(try qemuImg(["create", "-q", "-f", "qcow2", dir.file("disk.qcow2"), "64M"]).status == 0)
+            try Self.pythonSession.write(toFile: dir.file("session.py"), atomically: true, encoding: .utf8)
+            let d = try DaemonProcess(impl, dir: dir.path)
+            let r = try run(["python3", dir.file("session.py"), d.qmpPath, dir.path], timeout: 60)
+            #expect(r.status == 0, "\(impl): \(r)\n\(d.stderrText())")
+            #expect(d.wait() == 0, "\(impl) must exit 0 after quit: \(d.stderrText())")
+            outputs[impl] = r.stdout.replacingOccurrences(of: dir.path, with: "DIR")
+            let check = try qemuImg(["check", dir.file("disk.qcow2")])
+            #expect(check.status == 0, "\(impl): \(check)")
+        }
+        #expect(outputs[.lamina] == outputs[.qemu])
+        let out = try JSON.parse(outputs[.lamina] ?? "")
+        #expect(out["version"] == [7, 2])
+        #expect(out["has_commands"] == true)
+        #expect(out["unknown"]?[0] == "CommandNotFound")
+        #expect(out["deleted_event"] == ["id": "e0"])
+        #expect(out["after_del"] == [])
+    }
+
+    /// A minimal NBD client that completes the handshake for `export`,
+    /// says "ready", then waits: prints "eof" when the server closes.
+    static let holdingClient = #"""
+    import socket, struct, sys
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    def recv(n):
+        b = b''
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            if not c: return None
+            b += c
+        return b
+    g = recv(18)
+    assert g[:16] == b'NBDMAGICIHAVEOPT', g
+    s.sendall(struct.pack('>I', 1))
+    name = sys.argv[2].encode()
+    s.sendall(b'IHAVEOPT' + struct.pack('>II', 1, len(name)) + name)
+    info = recv(8 + 2 + 124)
+    assert info is not None, 'export refused'
+    print('ready', flush=True)
+    open(sys.argv[3], 'w').write('ready')
+    s.settimeout(60)
+    try:
+        d = s.recv(1)
+        print('eof' if not d else 'data')
+    except socket.timeout:
+        print('timeout')
+    """#
+
+    @Test("block-export-del: safe refuses while a client is connected, hard disconnects it; events reach every monitor")
+    func exportDelSafeAndHard() throws {
+        var transcripts: [Impl: [String]] = [:]
+        for impl in Impl.allCases {
+            let dir = TempDir()
+            #expect(try qemuImg(["create", "-q", "-f", "qcow2", dir.file("disk.qcow2"), "16M"]).status == 0)
+            try Self.holdingClient.write(toFile: dir.file("client.py"), atomically: true, encoding: .utf8)
+            let second = dir.file("qmp2.sock")
+            let d = try DaemonProcess(impl, dir: dir.path, args: [
+                "--chardev", "socket,id=m1,path=\(second),server=on,wait=off", "--monitor", "chardev=m1",
+                "--blockdev", "driver=qcow2,node-name=disk,file.driver=file,file.filename=\(dir.path)/disk.qcow2",
+                "--nbd-server", "addr.type=unix,addr.path=\(dir.path)/nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
+            ])
+            let a = try d.qmp()
+            let b = try QMPClient(unixPath: second, timeout: 30)
+            try b.negotiate()
+            var t: [String] = []
+            func record(_ label: String, _ r: JSON) { t.append("\(label): \(stripVolatile(r).compact)") }
+
+            // A client holds the export open.
+            let client = try ChildProcess(["python3", dir.file("client.py"), dir.file("nbd.sock"), "disk", dir.file("ready")],
+                                          stderrPath: dir.file("client.err"))
+            var ready = false
+            for _ in 0..<2000 where !ready {
+                ready = FileManager.default.fileExists(atPath: dir.file("ready"))
+                if !ready { usleep(10_000) }
+            }
+            #expect(ready, "\(impl): the NBD client did not connect")
+            record("safe", try a.execute("block-export-del", ["id": "e0"]))
+            record("exports", try a.execute("query-block-exports"))
+            // QEMU 7.2 treats mode=safe like this too: the export stays.
+            record("hard", try a.execute("block-export-del", ["id": "e0", "mode": "hard"]))
+            let ea = try a.waitEvent("BLOCK_EXPORT_DELETED")
+            let eb = try b.waitEvent("BLOCK_EXPORT_DELETED")
+            t.append("event a: \(ea["data"]?.compact ?? "")")
+            t.append("event b: \(eb["data"]?.compact ?? "")")
+            #expect(client.wait(timeout: 30) == 0, "\(impl): client")
+            record("exports after", try a.execute("query-block-exports"))
+            record("again", try a.execute("block-export-del", ["id": "e0"]))
+            // The node is free again.
+            record("blockdev-del", try b.execute("blockdev-del", ["node-name": "disk"]))
+            #expect(try d.quit(a) == 0, "\(impl): \(d.stderrText())")
+            let check = try qemuImg(["check", dir.file("disk.qcow2")])
+            #expect(check.status == 0, "\(impl): \(check)")
+            transcripts[impl] = t
+        }
+        let q = transcripts[.qemu] ?? [], l = transcripts[.lamina] ?? []
+        #expect(q.count == l.count)
+        for (x, y) in zip(q, l) { #expect(x == y) }
+        #expect(q.contains { $0.hasPrefix("safe: {\"error\"") }, "\(q)")
+    }
+}
