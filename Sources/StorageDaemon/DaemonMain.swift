@@ -193,8 +193,7 @@ public final class DaemonMain {
               qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' 'nbd+unix:///scratch?socket=\(nbdSock)'
               nbdinfo --map 'nbd+unix:///scratch?socket=\(nbdSock)'
               qemu-img info 'nbd+unix:///scratch?socket=\(nbdSock)'
-              python3 -m qemu.qmp.qmp_shell \(qmpSock)     # then: query-named-block-nodes
-              echo '{"execute":"qmp_capabilities"} {"execute":"query-block-exports"}' | socat - UNIX-CONNECT:\(qmpSock)
+              python3 -m qemu.qmp.qmp_shell \(qmpSock)     # then: query-block-exports
 
             Stop with Ctrl-C or the QMP command 'quit' (both close the image cleanly).
 

@@ -151,4 +151,37 @@ struct DaemonCLITests {
         #expect(try l2.quit(lc2) == 0)
         #expect(try q.quit(qc) == 0)
     }
+
+    @Test("--quickstart: a scratch qcow2 served over NBD and a QMP socket, as printed; quit leaves a clean image")
+    func quickstart() throws {
+        let dir = TempDir()
+        let d = try ChildProcess([laminaDaemon, "--quickstart"], stderrPath: dir.file("err"), stdoutPath: dir.file("out"))
+        var text = ""
+        for _ in 0..<3000 where !text.contains("Stop with") {
+            text = (try? String(contentsOfFile: dir.file("out"), encoding: .utf8)) ?? ""
+            if !text.contains("Stop with") { usleep(10_000) }
+        }
+        func field(_ label: String) -> String? {
+            text.split(separator: "\n").first { $0.trimmingCharacters(in: .whitespaces).hasPrefix(label) }
+                .map { $0.trimmingCharacters(in: .whitespaces).dropFirst(label.count).trimmingCharacters(in: .whitespaces) }
+        }
+        let uri = try #require(field("NBD:"), "\(text)")
+        let qmpPath = try #require(field("QMP:"), "\(text)")
+        let image = try #require(field("image:")?.split(separator: " ").first.map(String.init), "\(text)")
+        defer { try? FileManager.default.removeItem(atPath: (image as NSString).deletingLastPathComponent) }
+        #expect(uri.hasPrefix("nbd+unix:///scratch?socket=/tmp/lamina-"))
+        let io = try run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M", uri])
+        #expect(io.status == 0 && !io.stdout.contains("fail"), "\(io)")
+        let info = try run(["nbdinfo", "--json", uri])
+        #expect(info.stdout.contains("\"export-size\": 1073741824"), "\(info)")
+        let c = try QMPClient(unixPath: qmpPath)
+        try c.negotiate()
+        #expect(try c.call("query-block-exports")[0]?["id"] == "scratch")
+        _ = try c.execute("quit")
+        #expect(d.wait(timeout: 30) == 0)
+        let check = try qemuImg(["check", image])
+        #expect(check.status == 0, "\(check)")
+        let r = try run(["qemu-io", "-c", "read -P 0xab 0 1M", image])
+        #expect(r.status == 0 && !r.stdout.contains("fail"), "\(r)")
+    }
 }

@@ -149,12 +149,12 @@ public final class ChildProcess: @unchecked Sendable {
     public let pid: pid_t
     public private(set) var exitStatus: Int32?
 
-    public init(_ args: [String], stderrPath: String? = nil) throws {
+    public init(_ args: [String], stderrPath: String? = nil, stdoutPath: String? = nil) throws {
         var fa = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&fa)
         defer { posix_spawn_file_actions_destroy(&fa) }
         posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&fa, 1, stdoutPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         posix_spawn_file_actions_addopen(&fa, 2, stderrPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         let cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
