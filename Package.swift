@@ -96,7 +96,7 @@ let package = Package(
         ),
         .executableTarget(name: "lamina-img", dependencies: ["ImgTool"], swiftSettings: strict),
         .executableTarget(name: "lamina-io", dependencies: ["ImgTool"], swiftSettings: strict),
-        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["CLaminaSys"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(
             name: "BlockCoreTests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph"],
@@ -110,7 +110,7 @@ let package = Package(
         .testTarget(
             name: "QMPTests",
             dependencies: [
-                "LaminaJSON", "QMP", "ServerKit",
+                "LaminaJSON", "QMP", "ServerKit", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <spawn.h>
 
 int lamina_o_direct(void) { return O_DIRECT; }
 int lamina_o_cloexec(void) { return O_CLOEXEC; }
@@ -142,4 +143,8 @@ ssize_t lamina_copy_file_range(int fd_in, int64_t off_in, int fd_out, int64_t of
         if (r >= 0) return r;
         if (errno != EINTR) return -errno;
     }
+}
+
+int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(fa, from);
 }

@@ -30,26 +30,38 @@ public final class QMPClient: @unchecked Sendable {
     /// Connects and reads the greeting (unless `readGreeting` is false).
     public init(unixPath: String, timeout: Double = 60, readGreeting: Bool = true) throws {
         self.timeout = timeout
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw QMPClientError("socket: errno \(errno)") }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let path = Array(unixPath.utf8)
         guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            Glibc.close(fd)
             throw QMPClientError("path too long: \(unixPath)")
         }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             for (i, b) in path.enumerated() { raw[i] = b }
         }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        // Close-on-exec: a child spawned meanwhile must not keep this
+        // connection open (a QEMU monitor serves one client at a time).
+        // A socket file that exists but does not listen yet (between
+        // bind and listen) is retried for a few seconds.
+        let deadline = ContinuousClock.now + .milliseconds(Int(min(timeout, 10) * 1000))
+        while true {
+            let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard s >= 0 else { throw QMPClientError("socket: errno \(errno)") }
+            let rc = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
             }
-        }
-        guard rc == 0 else {
+            if rc == 0 {
+                fd = s
+                break
+            }
             let e = errno
-            Glibc.close(fd)
+            Glibc.close(s)
+            if (e == ECONNREFUSED || e == ENOENT) && ContinuousClock.now < deadline {
+                usleep(20_000)
+                continue
+            }
             throw QMPClientError("connect \(unixPath): errno \(e)")
         }
         if readGreeting { greeting = try readMessage() }

@@ -138,18 +138,7 @@ final class DaemonProcess: @unchecked Sendable {
 
 /// posix_spawn with stdin/stdout from /dev/null and stderr to a file.
 func spawn(_ args: [String], stderrPath: String) throws -> pid_t {
-    var fa = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&fa)
-    defer { posix_spawn_file_actions_destroy(&fa) }
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0)
-    posix_spawn_file_actions_addopen(&fa, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    let cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-    defer { for a in cargs { free(a) } }
-    var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, args[0], &fa, nil, cargs, environ)
-    guard rc == 0 else { throw QMPClientError("posix_spawn \(args[0]): \(String(cString: strerror(rc)))") }
-    return pid
+    try spawnChild(args, stderrPath: stderrPath)
 }
 
 /// The error part of a QMP response, or nil for a success.

@@ -1,6 +1,7 @@
 import Foundation
 import LaminaJSON
 import QMP
+import TestSupport
 import Testing
 
 /// Drives our server with Python's qemu.qmp (the library QEMU's own test
@@ -44,7 +45,8 @@ import Testing
         let path = try await t.listen()
         let scriptPath = t.dir.file("client.py")
         try PythonClientTests.script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
-        let (status, stdout, stderr) = try await blocking { try runProcess(["python3", scriptPath, path]) }
+        let r = try await blocking { try runProcess(["python3", scriptPath, path], timeout: 60) }
+        let (status, stdout, stderr) = (r.status, r.stdout, r.stderr)
         #expect(status == 0, "\(stderr)")
         let out = try JSON.parse(stdout.trimmingCharacters(in: .whitespacesAndNewlines))
         #expect(out["version"]?["qemu"]?["major"] == 7)

@@ -4,6 +4,7 @@ import NIOPosix
 import QMP
 import ServerKit
 import Synchronization
+import TestSupport
 import Testing
 
 /// A temporary directory (short path: UNIX socket paths are limited to
@@ -136,56 +137,19 @@ func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thr
 
 /// A qemu-storage-daemon process with one QMP monitor, killed on release.
 final class QSDProcess: @unchecked Sendable {
-    let process = Process()
+    let process: ChildProcess
     let socket: String
 
     init(dir: TempDir) throws {
         socket = dir.file("qsd.sock")
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["qemu-storage-daemon", "--chardev", "socket,id=m,path=\(socket),server=on,wait=off",
-                             "--monitor", "chardev=m"]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(10)
+        process = try ChildProcess(["qemu-storage-daemon", "--chardev", "socket,id=m,path=\(socket),server=on,wait=off",
+                                    "--monitor", "chardev=m"])
+        let deadline = Date().addingTimeInterval(20)
         while !FileManager.default.fileExists(atPath: socket) {
-            if Date() > deadline || !process.isRunning { throw QMPClientError("qemu-storage-daemon did not start") }
+            if Date() > deadline || process.poll() != nil { throw QMPClientError("qemu-storage-daemon did not start") }
             usleep(20_000)
         }
     }
-
-    deinit {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
-    }
-}
-
-/// Runs a program with a timeout; returns (status, stdout, stderr).
-func runProcess(_ args: [String], timeout: TimeInterval = 60) throws -> (Int32, String, String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
-    let o = Mutex(Data()), e = Mutex(Data())
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async { let d = out.fileHandleForReading.readDataToEndOfFile(); o.withLock { $0 = d }; group.leave() }
-    group.enter()
-    DispatchQueue.global().async { let d = err.fileHandleForReading.readDataToEndOfFile(); e.withLock { $0 = d }; group.leave() }
-    if group.wait(timeout: .now() + timeout) == .timedOut {
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        return (-1, "", "timeout")
-    }
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o.withLock { $0 }, as: UTF8.self), String(decoding: e.withLock { $0 }, as: UTF8.self))
 }
 
 /// Callers wait until `count` of them have arrived, then all go on.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLaminaSys
 import Foundation
 
 /// What a finished child process left behind.
@@ -57,6 +58,7 @@ public func runProcess(_ args: [String], cwd: String? = nil, environment extra: 
     }
     posix_spawn_file_actions_adddup2(&fa, outP[1], 1)
     posix_spawn_file_actions_adddup2(&fa, errP[1], 2)
+    _ = lamina_spawn_closefrom(&fa, 3)
     let cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
     let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
     defer {
@@ -150,18 +152,7 @@ public final class ChildProcess: @unchecked Sendable {
     public private(set) var exitStatus: Int32?
 
     public init(_ args: [String], stderrPath: String? = nil, stdoutPath: String? = nil) throws {
-        var fa = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&fa)
-        defer { posix_spawn_file_actions_destroy(&fa) }
-        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&fa, 1, stdoutPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_addopen(&fa, 2, stderrPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        let cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        defer { for a in cargs { free(a) } }
-        var p: pid_t = 0
-        let rc = posix_spawnp(&p, args[0], &fa, nil, cargs, environ)
-        guard rc == 0 else { throw SpawnError("cannot run \(args[0]): \(String(cString: strerror(rc)))") }
-        pid = p
+        pid = try spawnChild(args, stderrPath: stderrPath, stdoutPath: stdoutPath)
     }
 
     /// The exit status (128 + signal for a signal) once exited; reaps.
@@ -207,4 +198,23 @@ public final class ChildProcess: @unchecked Sendable {
             waitpid(pid, &st, 0)
         }
     }
+}
+
+/// posix_spawn (PATH lookup) with stdin from /dev/null, stdout and stderr
+/// to files (or /dev/null), and no other descriptor of the test process
+/// (other tests' sockets and pipes stay out of the child). The caller reaps.
+public func spawnChild(_ args: [String], stderrPath: String? = nil, stdoutPath: String? = nil) throws -> pid_t {
+    var fa = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&fa)
+    defer { posix_spawn_file_actions_destroy(&fa) }
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&fa, 1, stdoutPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    posix_spawn_file_actions_addopen(&fa, 2, stderrPath ?? "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    _ = lamina_spawn_closefrom(&fa, 3)
+    let cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+    defer { for a in cargs { free(a) } }
+    var p: pid_t = 0
+    let rc = posix_spawnp(&p, args[0], &fa, nil, cargs, environ)
+    guard rc == 0 else { throw SpawnError("cannot run \(args[0]): \(String(cString: strerror(rc)))") }
+    return p
 }

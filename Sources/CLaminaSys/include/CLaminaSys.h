@@ -2,6 +2,7 @@
 #define CLAMINASYS_H
 /* A deliberately small, opaque C surface. Only plain C types cross it. */
 #include <stdint.h>
+#include <spawn.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -36,5 +37,9 @@ int lamina_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_le
 /* zstd, as qcow2 uses it: one frame per cluster. Same return conventions. */
 ssize_t lamina_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap);
 int lamina_zstd_decompress(const void *src, size_t src_len, void *dst, size_t dst_len);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): close every
+/// descriptor >= from in the child. Returns 0 or an errno value.
+int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from);
 
 #endif
