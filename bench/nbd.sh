@@ -65,9 +65,10 @@ measure() {  # kind fmt -> prints one number (MiB/s or IOPS)
         echo "$bytes / 1048576 / ($(now) - $t0)" | bc -l ;;
     randread-1|randread-32|randwrite-1|randwrite-32)
         local rw=${kind%-*} qd=${kind#*-}
+        # (fio's nbd engine prints "fio: connected to NBD server" on stdout first)
         fio --name=b --ioengine=nbd --uri="$(URI)" --rw="$rw" --bs=4k --iodepth="$qd" \
             --runtime="$FIO_SECONDS" --time_based --ramp_time=1 --output-format=json 2>/dev/null |
-            python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])' ;;
+            python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])' ;;
     esac
 }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
