@@ -8,21 +8,50 @@ public final class RawDriver: BlockDriver, Sendable {
     /// The format was probed, not given: like QEMU, refuse writes that would
     /// make the first sector look like another image format.
     public let probed: Bool
+    /// The window of the file the guest sees (QEMU's raw `offset` and
+    /// `size` options); `size` nil: up to the end of the file.
+    public let offset: Int64
+    public let size: Int64?
 
     public init(file: BlockNode, probed: Bool = false) {
         self.file = file
         self.probed = probed
+        self.offset = 0
+        self.size = nil
+    }
+
+    /// A window: QEMU's checks and messages (raw_apply_options).
+    public init(file: BlockNode, offset: Int64, size: Int64?) throws(BlockError) {
+        let real = (file.length + 511) / 512 * 512
+        if offset > real {
+            throw BlockError.invalid("Offset (\(offset)) cannot be greater than size of the containing file (\(real))")
+        }
+        if let size {
+            if size > real - offset {
+                throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the  actual size of the containing file (\(real))")
+            }
+            if size % 512 != 0 {
+                throw BlockError.invalid("Specified size is not multiple of 512")
+            }
+        }
+        self.file = file
+        self.probed = false
+        self.offset = offset
+        self.size = size
     }
 
     public var formatName: String { "raw" }
     /// QEMU counts in 512-byte sectors: a raw image's size rounds up.
-    public var length: Int64 { (file.length + 511) / 512 * 512 }
+    public var length: Int64 {
+        let real = (file.length + 511) / 512 * 512
+        return size ?? (real - offset)
+    }
     public var requestAlignment: Int { file.driver.requestAlignment }
     public var memoryAlignment: Int { file.driver.memoryAlignment }
     public var children: [BlockChild] { [BlockChild(role: .file, node: file)] }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
-        try await file.read(at: offset, into: buffer)
+        try await file.read(at: self.offset + offset, into: buffer)
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws(BlockError) {
@@ -38,38 +67,41 @@ public final class RawDriver: BlockDriver, Sendable {
                 throw BlockError(.permissionDenied, errno: 1, "Operation not permitted")
             }
         }
-        try await file.write(at: offset, from: buffer, flags: flags)
+        try await file.write(at: self.offset + offset, from: buffer, flags: flags)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
-        try await file.writeZeroes(at: offset, length: length, flags: flags)
+        try await file.writeZeroes(at: self.offset + offset, length: length, flags: flags)
     }
 
     public func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
                        flags: WriteFlags) async throws(BlockError) -> Bool {
         if probed && offset < 512 { return false }
-        try await file.copyIn(at: offset, from: host, sourceOffset: sourceOffset, length: length, flags: flags)
+        try await file.copyIn(at: self.offset + offset, from: host, sourceOffset: sourceOffset, length: length, flags: flags)
         return true
     }
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
-        try await file.discard(at: offset, length: length)
+        try await file.discard(at: self.offset + offset, length: length)
     }
 
     public func flush() async throws(BlockError) { try await file.flush() }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
-        var st = try await file.blockStatus(at: offset, length: length)
+        var st = try await file.blockStatus(at: self.offset + offset, length: length)
         st.flags.remove(.allocated)
         st.flags.remove(.eof)
         st.flags.insert(.offsetValid)
-        st.hostOffset = offset
+        st.hostOffset = self.offset + offset
         st.hostNode = file
         return st
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {
-        try await file.truncate(to: length, preallocation: preallocation)
+        if size != nil {
+            throw BlockError(.notSupported, errno: 95, "Cannot resize fixed-size raw disks")
+        }
+        try await file.truncate(to: offset + length, preallocation: preallocation)
     }
 
     public func close() async throws(BlockError) { try await file.close() }

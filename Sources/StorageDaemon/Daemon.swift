@@ -65,11 +65,16 @@ public final class Daemon {
         guard let rec = graph.find(name) else {
             throw BlockError(.notFound, errno: ENOENT, "Failed to find node with node-name='\(name)'")
         }
-        if !rec.monitorOwned {
-            throw BlockError.invalid("Node \(name) is not owned by the monitor")
-        }
+        // QEMU's order: a block backend (export), the op blockers a backing
+        // link sets on its child, monitor ownership, other references.
         if !exports.exportsUsing(rec.node).isEmpty {
             throw BlockError(.busy, errno: EBUSY, "Node \(name) is in use")
+        }
+        if let parent = graph.all.first(where: { $0.node.backing === rec.node }) {
+            throw BlockError(.busy, errno: EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.name)'")
+        }
+        if !rec.monitorOwned {
+            throw BlockError.invalid("Node \(name) is not owned by the monitor")
         }
         if !graph.nodeParents(of: rec.node).isEmpty || jobsUsing(rec.node) {
             throw BlockError(.busy, errno: EBUSY, "Block device \(name) is in use")

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import BlockCore
+import LaminaJSON
 import BlockGraph
 import FileDriver
 import Qcow2
@@ -52,6 +53,10 @@ final class NodeRecord {
     let cacheNoFlush: Bool
     let autoReadOnly: Bool
     let forceShare: Bool
+    /// QEMU's "json:{...}" name when the node's options cannot be told by
+    /// a plain filename (a qcow2 node given an explicit backing, or
+    /// "backing": null); nil when `node.filename` says it all.
+    var jsonFilename: String?
 
     init(node: BlockNode, seq: Int, monitorOwned: Bool, cacheDirect: Bool, cacheNoFlush: Bool,
          autoReadOnly: Bool, forceShare: Bool) {
@@ -125,6 +130,28 @@ final class Graph {
     }
 
     func record(_ node: BlockNode) -> NodeRecord? { records[ObjectIdentifier(node)] }
+
+    /// The name QEMU shows for a node (bdrv_refresh_filename's result).
+    func displayFilename(_ node: BlockNode) -> String {
+        record(node)?.jsonFilename ?? node.filename
+    }
+
+    /// The node's options as QEMU's json: filenames embed them.
+    func fullOptions(_ node: BlockNode) -> JSON {
+        if let j = record(node)?.jsonFilename, let v = try? JSON.parse(String(j.dropFirst(5))) {
+            return v
+        }
+        if node.filename.hasPrefix("json:"), let v = try? JSON.parse(String(node.filename.dropFirst(5))) {
+            return v
+        }
+        if node.formatName == "file" {
+            return .object([("driver", .string("file")), ("filename", .string(node.filename))])
+        }
+        if let f = node.file, f !== node {
+            return .object([("driver", .string(node.formatName)), ("file", fullOptions(f))])
+        }
+        return .object([("driver", .string(node.formatName)), ("filename", .string(node.filename))])
+    }
 
     /// QEMU's id_generate(ID_BLOCK): "#block" + counter + two random digits.
     func generateName() -> String {
@@ -212,8 +239,13 @@ final class Graph {
     /// Checks that a new edge into `child` is compatible with the existing
     /// ones, with QEMU 7.2's permission-conflict message.
     func checkNewEdge(_ new: GraphEdge) throws(BlockError) {
-        if new.perm.contains(.write) && new.child.readOnly {
-            throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+        if new.perm.contains(.write) {
+            // raw passes a parent's write permission down to its file.
+            var n: BlockNode? = new.child
+            while let c = n {
+                if c.readOnly { throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only") }
+                n = c.formatName == "raw" ? c.file : nil
+            }
         }
         for e in edges(into: new.child) where !e.sameParent(as: new) {
             let a = e.perm.subtracting(new.shared)

@@ -12,15 +12,14 @@ enum NodeInfo {
     static func blockDeviceInfo(_ rec: NodeRecord, graph: Graph, flat: Bool) async -> JSON {
         let node = rec.node
         var m: [(String, JSON)] = [
-            ("file", .string(node.filename)),
+            ("file", .string(graph.displayFilename(node))),
             ("node-name", .string(node.nodeName)),
             ("ro", .bool(node.readOnly)),
             ("drv", .string(node.formatName)),
         ]
+        // With "backing": null QEMU reports no backing file at all.
         if let b = node.backing {
-            m.append(("backing_file", .string(b.filename)))
-        } else if let q = node.driver as? Qcow2Image, let name = q.backingFileName, !name.isEmpty {
-            m.append(("backing_file", .string(name)))
+            m.append(("backing_file", .string(graph.displayFilename(b))))
         }
         m.append(("backing_file_depth", .int(flat ? 0 : Int64(Graph.backingDepth(node)))))
         m.append(("encrypted", .bool(false)))
@@ -28,7 +27,7 @@ enum NodeInfo {
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
             m.append((k, .int(0)))
         }
-        m.append(("image", await imageInfo(node, flat: flat)))
+        m.append(("image", await imageInfo(node, graph: graph, flat: flat)))
         m.append(("cache", .object([
             ("writeback", .bool(true)),
             ("direct", .bool(rec.cacheDirect)),
@@ -39,7 +38,7 @@ enum NodeInfo {
     }
 
     /// QAPI ImageInfo (qemu-img info's keys), with backing-image unless flat.
-    static func imageInfo(_ node: BlockNode, flat: Bool) async -> JSON {
+    static func imageInfo(_ node: BlockNode, graph: Graph, flat: Bool) async -> JSON {
         if node.formatName == "null-co" {
             return .object([
                 ("filename", .string(node.filename)), ("format", .string("null-co")),
@@ -48,14 +47,22 @@ enum NodeInfo {
         }
         let info = await ImageInfo.collect(node)
         guard case .object(var m) = info.json else { return info.json }
+        if let j = graph.record(node)?.jsonFilename, let i = m.firstIndex(where: { $0.0 == "filename" }) {
+            m[i].1 = .string(j)
+        }
         if !flat, let b = node.backing {
-            m.append(("backing-image", await imageInfo(b, flat: false)))
+            m.append(("backing-image", await imageInfo(b, graph: graph, flat: false)))
         }
         return .object(m)
     }
 
     /// x-debug-query-block-graph: nodes (block drivers and export
     /// backends) and edges with the permissions each parent holds.
+    /// Numbered and ordered as QEMU's walk does: block backends (exports)
+    /// in creation order, then nodes in naming order (a node's file is
+    /// named before it, its backing after it), each node's children most
+    /// recently attached first; an id is given at first sight; both lists
+    /// come out reversed (QEMU prepends).
     static func graphJSON(_ graph: Graph, exports: [(id: String, node: BlockNode, writable: Bool)]) -> JSON {
         var ids: [ObjectIdentifier: Int] = [:]
         var nodes: [JSON] = []
@@ -75,17 +82,15 @@ enum NodeInfo {
             let edge = Graph.rootEdge(RootUser(exportID: e.id, writable: e.writable), e.node)
             edges.append(edgeJSON(parent: backendID, child: id(e.node), edge))
         }
-        for rec in graph.all {
+        for rec in graph.all.reversed() {
             let pid = id(rec.node)
-            for c in rec.node.children {
+            nodes.append(.object([("id", .int(Int64(pid))), ("type", .string("block-driver")),
+                                  ("name", .string(rec.name))]))
+            for c in rec.node.children.reversed() {
                 edges.append(edgeJSON(parent: pid, child: id(c.node), graph.edge(parent: rec.node, child: c)))
             }
         }
-        for rec in graph.all {
-            nodes.append(.object([("id", .int(Int64(id(rec.node)))), ("type", .string("block-driver")),
-                                  ("name", .string(rec.name))]))
-        }
-        return .object([("nodes", .array(nodes)), ("edges", .array(edges))])
+        return .object([("nodes", .array(nodes.reversed())), ("edges", .array(edges.reversed()))])
     }
 
     private static func edgeJSON(parent: Int, child: Int, _ e: GraphEdge) -> JSON {

@@ -95,18 +95,29 @@ struct NodeOpener {
                              filename: Self.nullFilename(n), readOnly: readOnly, policy: policy)
             register(node, o, eff, readOnly, monitorOwned)
         case .raw(let r):
-            if r.offset != nil || r.size != nil {
-                throw BlockError.unsupported("raw: the 'offset' and 'size' options are not supported")
-            }
+            // raw takes no permission of its own on its file (it passes its
+            // parents' through), so a writable raw node over a read-only
+            // file may exist, as in QEMU; a writer attaching to it is refused.
             let file = try await child(r.file, parent: eff, role: .file, parentName: o.nodeName)
-            if file.readOnly && !readOnly {
-                if eff.autoReadOnly { readOnly = true } else {
+            let driver: RawDriver
+            if r.offset != nil || r.size != nil {
+                do throws(BlockError) {
+                    driver = try RawDriver(file: file, offset: r.offset ?? 0, size: r.size)
+                } catch {
                     try? await file.close()
-                    throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+                    throw error
                 }
+            } else {
+                driver = RawDriver(file: file)
             }
-            node = BlockNode(driver: RawDriver(file: file), filename: file.filename, readOnly: readOnly, policy: policy)
+            node = BlockNode(driver: driver, filename: file.filename, readOnly: readOnly, policy: policy)
             register(node, o, eff, readOnly, monitorOwned)
+            if r.offset != nil || r.size != nil {
+                var m: [(String, JSON)] = [("driver", .string("raw")), ("file", graph.fullOptions(file))]
+                if let v = r.offset { m.append(("offset", .int(v))) }
+                if let v = r.size { m.append(("size", .int(v))) }
+                graph.record(node)?.jsonFilename = "json:" + JSON.object(m).compact
+            }
             do throws(BlockError) {
                 try checkEdges(node)
             } catch {
@@ -192,10 +203,17 @@ struct NodeOpener {
             try checkEdges(node)
             switch q.backing {
             case .some(.none):
-                break
+                graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: .null)
             case .some(.some(let ref)):
-                let b = try await child(ref, parent: eff, role: .backing, parentName: o.nodeName)
+                let b: BlockNode
+                do throws(BlockError) {
+                    b = try await child(ref, parent: eff, role: .backing, parentName: o.nodeName)
+                } catch {
+                    if error.message.hasPrefix("Could not open backing file: ") { throw error }
+                    throw error.prefixed("Could not open backing file: ")
+                }
                 img.setBacking(b)
+                graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: graph.fullOptions(b))
             case .none:
                 if let name = img.backingFileName, !name.isEmpty {
                     try await openDefaultBacking(img, node, name, eff)
@@ -206,6 +224,13 @@ struct NodeOpener {
             throw error
         }
         return node
+    }
+
+    /// QEMU's bdrv_refresh_filename for a qcow2 node whose backing is not
+    /// the one its header names: every option in a json: pseudo-filename.
+    static func jsonFilename(_ graph: Graph, _ node: BlockNode, file: BlockNode, backing: JSON) -> String {
+        "json:" + JSON.object([("backing", backing), ("driver", .string("qcow2")),
+                               ("file", graph.fullOptions(file))]).compact
     }
 
     /// The backing chain named in the image headers, every node implicit.

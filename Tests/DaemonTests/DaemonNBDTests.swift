@@ -181,6 +181,34 @@ struct DaemonNBDTests {
     print("error", err)
     """#
 
+    @Test("raw offset/size window over NBD: reads, writes and bounds as qemu-storage-daemon; the files end identical")
+    func rawWindow() throws {
+        var files: [Impl: Data] = [:]
+        for impl in Impl.allCases {
+            let dir = TempDir()
+            #expect(try qemuImg(["create", "-q", "-f", "raw", dir.file("disk.raw"), "4M"]).status == 0)
+            #expect(try run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 1M", "-c", "write -P 0x11 0 1M",
+                             dir.file("disk.raw")]).status == 0)
+            let d = try DaemonProcess(impl, dir: dir.path, args: [
+                "--blockdev", "driver=file,node-name=f,filename=\(dir.path)/disk.raw",
+                "--blockdev", "driver=raw,node-name=w,file=f,offset=1048576,size=1048576",
+                "--nbd-server", "addr.type=unix,addr.path=\(dir.path)/nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=w,name=w,writable=on",
+            ])
+            let uri = "nbd+unix:///w?socket=\(dir.path)/nbd.sock"
+            let info = try run(["nbdinfo", "--size", uri])
+            #expect(info.stdout == "1048576\n", "\(impl): \(info)")
+            let r = try run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", "-c", "write -P 0x77 4k 8k",
+                             "-c", "write -z 512k 64k", "-c", "read -P 0x77 4k 8k", uri])
+            #expect(r.status == 0 && !r.stdout.contains("fail"), "\(impl): \(r)")
+            let past = try run(["qemu-io", "-f", "raw", "-c", "write -P 1 1M 4k", uri])
+            #expect(past.stdout.contains("failed") || past.stderr.contains("failed") || past.status != 0, "\(impl): \(past)")
+            #expect(try d.quit() == 0, "\(impl): \(d.stderrText())")
+            files[impl] = FileManager.default.contents(atPath: dir.file("disk.raw"))
+        }
+        #expect(files[.lamina] != nil && files[.lamina] == files[.qemu])
+    }
+
     @Test("fio's nbd engine: random writes verified by reading back, iodepth 16")
     func fioVerify() throws {
         let dir = TempDir()

@@ -90,13 +90,78 @@ struct QMPParityTests {
     }
 
     /// Runs the script on one implementation; returns every message (responses and events) in order.
+    /// A chain base <- mid <- top (data in each) for the graph-option script.
+    static func makeChain(_ dir: TempDir) throws {
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2", "raw.img"] { unlink(dir.file(f)) }
+        try #require(try qemuImg(["create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "64M"]).status == 0)
+        try #require(try qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("mid.qcow2")]).status == 0)
+        try #require(try qemuImg(["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", dir.file("top.qcow2")]).status == 0)
+        try #require(try qemuImg(["create", "-q", "-f", "raw", dir.file("raw.img"), "8M"]).status == 0)
+        try #require(try run(["qemu-io", "-c", "write -P 1 0 1M", dir.file("base.qcow2")]).status == 0)
+        try #require(try run(["qemu-io", "-c", "write -P 2 1M 1M", dir.file("mid.qcow2")]).status == 0)
+    }
+
+    /// backing (default, null, a node name), read-only, auto-read-only,
+    /// cache.direct/no-flush, discard, detect-zeroes, the graph queries.
+    static func graphScript(_ dir: String) -> [Step] {
+        func file(_ name: String, _ extra: String = "") -> String {
+            #"{"driver": "file", "filename": "\#(dir)/\#(name)"\#(extra)}"#
+        }
+        return [
+            ("qmp_capabilities", "{}"),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "top", "file": \#(file("top.qcow2"))}"#),
+            ("query-named-block-nodes", #"{"flat": true}"#),
+            ("x-debug-query-block-graph", "{}"),
+            ("blockdev-del", #"{"node-name": "top"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "top", "file": \#(file("top.qcow2")), "backing": null}"#),
+            ("query-named-block-nodes", "{}"),
+            ("blockdev-del", #"{"node-name": "top"}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "base", "read-only": true, "file": \#(file("base.qcow2"))}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "mid", "backing": "nosuch", "file": \#(file("mid.qcow2"))}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "mid", "backing": "base", "file": \#(file("mid.qcow2"))}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "top", "backing": "mid", "discard": "unmap", "detect-zeroes": "unmap", "file": \#(file("top.qcow2", #", "discard": "unmap""#))}"#),
+            ("blockdev-add", #"{"driver": "qcow2", "node-name": "top2", "backing": "mid", "file": \#(file("top.qcow2"))}"#),
+            ("query-named-block-nodes", #"{"flat": true}"#),
+            ("x-debug-query-block-graph", "{}"),
+            ("blockdev-del", #"{"node-name": "base"}"#),
+            ("blockdev-del", #"{"node-name": "mid"}"#),
+            ("blockdev-del", #"{"node-name": "top"}"#),
+            ("blockdev-del", #"{"node-name": "mid"}"#),
+            ("blockdev-del", #"{"node-name": "base"}"#),
+            ("blockdev-add", #"{"driver": "file", "node-name": "f1", "filename": "\#(dir)/raw.img", "read-only": true, "auto-read-only": true}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r1", "file": "f1"}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r2", "read-only": true, "file": "f1"}"#),
+            ("nbd-server-start", #"{"addr": {"type": "unix", "data": {"path": "\#(dir)/g.sock"}}}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "x1", "node-name": "r1", "writable": true}"#),
+            ("block-export-add", #"{"type": "nbd", "id": "x2", "node-name": "r1"}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r5", "offset": 1048576, "size": 1000, "file": "f1"}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r5", "offset": 9437184, "file": "f1"}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r5", "offset": 1048576, "size": 8388608, "file": "f1"}"#),
+            ("block-export-del", #"{"id": "x2"}"#),
+            ("nbd-server-stop", "{}"),
+            ("blockdev-add", #"{"driver": "file", "node-name": "f2", "filename": "\#(dir)/raw.img", "auto-read-only": true, "cache": {"no-flush": true}}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r3", "cache": {"direct": false, "no-flush": true}, "file": "f2"}"#),
+            ("blockdev-add", #"{"driver": "raw", "node-name": "r4", "offset": 4096, "file": "f2"}"#),
+            ("query-named-block-nodes", "{}"),
+            ("blockdev-del", #"{"node-name": "f2"}"#),
+            ("blockdev-del", #"{"node-name": "r3"}"#),
+            ("blockdev-del", #"{"node-name": "r2"}"#),
+            ("blockdev-del", #"{"node-name": "f2"}"#),
+            ("query-named-block-nodes", #"{"flat": true}"#),
+        ]
+    }
+
     static func conversation(_ impl: Impl, _ dir: TempDir) throws -> [JSON] {
         for f in ["a.qcow2", "new.img", "new2.img"] { unlink(dir.file(f)) }
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "64M"]).status == 0)
+        return try conversation(impl, dir, script(dir.path))
+    }
+
+    static func conversation(_ impl: Impl, _ dir: TempDir, _ steps: [Step]) throws -> [JSON] {
         let d = try DaemonProcess(impl, dir: dir.path)
         let c = try QMPClient(unixPath: d.qmpPath, timeout: 30)
         var out: [JSON] = []
-        for (cmd, args) in script(dir.path) {
+        for (cmd, args) in steps {
             let a = try JSON.parse(args)
             // (JSON is nil-literal expressible: spell the absent case out.)
             let arguments: JSON? = a.objectMembers!.isEmpty ? Optional<JSON>.none : .some(a)
@@ -132,11 +197,28 @@ struct QMPParityTests {
         }
     }
 
+    @Test("graph options and queries: backing default/null/node, read-only, auto-read-only, cache, discard, detect-zeroes")
+    func graphOptionsMatch() throws {
+        let dir = TempDir()
+        try Self.makeChain(dir)
+        let q = try Self.conversation(.qemu, dir, Self.graphScript(dir.path))
+        try Self.makeChain(dir)
+        let l = try Self.conversation(.lamina, dir, Self.graphScript(dir.path))
+        Self.compare(q, l, dir)
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            #expect(try qemuImg(["check", dir.file(f)]).status == 0)
+        }
+    }
+
     @Test("the same mistakes get the same class and desc; the same events in the same order")
     func conversationsMatch() throws {
         let dir = TempDir()
         let q = try Self.conversation(.qemu, dir)
         let l = try Self.conversation(.lamina, dir)
+        Self.compare(q, l, dir)
+    }
+
+    static func compare(_ q: [JSON], _ l: [JSON], _ dir: TempDir) {
         #expect(q.count == l.count)
         for (i, (a, b)) in zip(q, l).enumerated() {
             var qa = Self.normalize(a, dir.path)
