@@ -165,4 +165,34 @@ struct DaemonLiveTests {
         for (x, y) in zip(q, l) { #expect(x == y) }
         #expect(q.contains { $0.hasPrefix("safe: {\"error\"") }, "\(q)")
     }
+
+    @Test("a QMP monitor on TCP (--chardev socket,host=,port=): qemu.qmp connects to both daemons")
+    func tcpMonitor() throws {
+        for impl in Impl.allCases {
+            let dir = TempDir()
+            // A free loopback port (released just before the daemon binds it).
+            let portProbe = try run(["python3", "-c",
+                "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"])
+            let port = portProbe.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let d = try DaemonProcess(impl, dir: dir.path, args: [
+                "--chardev", "socket,id=t0,host=127.0.0.1,port=\(port),server=on,wait=off", "--monitor", "chardev=t0",
+                "--pidfile", dir.file("pid"),
+            ])
+            for _ in 0..<2000 where !FileManager.default.fileExists(atPath: dir.file("pid")) { usleep(10_000) }
+            let script = """
+            import asyncio, json
+            from qemu.qmp import QMPClient
+            async def main():
+                q = QMPClient('tcp')
+                await q.connect(('127.0.0.1', \(port)))
+                v = await q.execute('query-version')
+                print(json.dumps([v['qemu']['major'], v['qemu']['minor']]))
+                await q.disconnect()
+            asyncio.run(main())
+            """
+            let r = try run(["python3", "-c", script], timeout: 30)
+            #expect(r.status == 0 && r.stdout == "[7, 2]\n", "\(impl): \(r)")
+            #expect(try d.quit() == 0, "\(impl): \(d.stderrText())")
+        }
+    }
 }
