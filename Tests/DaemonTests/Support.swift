@@ -60,15 +60,21 @@ final class DaemonProcess: @unchecked Sendable {
             all += ["--chardev", "socket,id=m0,path=\(qmpPath),server=on,wait=off", "--monitor", "chardev=m0"]
         }
         all += args
+        // Ready means the pid file exists: both daemons write it after every
+        // socket, node and export of the command line exists.
+        var readyFile = dir + "/ready-\(impl)-\(UInt32.random(in: 0...UInt32.max)).pid"
+        if let i = args.firstIndex(of: "--pidfile"), i + 1 < args.count {
+            readyFile = args[i + 1]
+        } else {
+            all += ["--pidfile", readyFile]
+        }
         pid = try spawn(all, stderrPath: stderrPath)
-        if monitor {
-            let deadline = Date().addingTimeInterval(20)
-            while !FileManager.default.fileExists(atPath: qmpPath) {
-                if poll() != nil || Date() > deadline {
-                    throw QMPClientError("\(impl) did not start: \(stderrText())")
-                }
-                usleep(20_000)
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: readyFile) {
+            if poll() != nil || Date() > deadline {
+                throw QMPClientError("\(impl) did not start: \(stderrText())")
             }
+            usleep(10_000)
         }
     }
 
