@@ -115,9 +115,13 @@ public protocol BlockDriver: AnyObject, Sendable {
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError)
     /// Flushes and releases everything. No I/O may follow.
     func close() async throws(BlockError)
+    /// Reopen read-only: write now what a clean close would write; no
+    /// write follows (nor any at close). Default: nothing to do.
+    func settleForReadOnly() async throws(BlockError)
 }
 
 public extension BlockDriver {
+    func settleForReadOnly() async throws(BlockError) {}
     var requestAlignment: Int { 1 }
     var memoryAlignment: Int { 1 }
     var growable: Bool { false }

@@ -9,7 +9,10 @@ public final class BlockNode: Sendable {
     public let driver: any BlockDriver
     /// The file name the node was opened from (what `qemu-img info` calls "image").
     public let filename: String
-    public let readOnly: Bool
+    /// Read-only (QEMU's bdrv_is_read_only); a live snapshot reopens the
+    /// old active layer read-only.
+    public var readOnly: Bool { readOnlyBox.load(ordering: .acquiring) }
+    private let readOnlyBox: Atomic<Bool>
     /// The node's discard and detect-zeroes options (QEMU's BDRV_O_UNMAP
     /// and detect_zeroes), applied by the generic layer.
     public let policy: NodePolicy
@@ -23,7 +26,7 @@ public final class BlockNode: Sendable {
                 policy: NodePolicy = NodePolicy()) {
         self.driver = driver
         self.filename = filename
-        self.readOnly = readOnly
+        self.readOnlyBox = Atomic(readOnly)
         self.policy = policy
         self.nodeNameBox = Mutex(nodeName)
     }
@@ -33,6 +36,15 @@ public final class BlockNode: Sendable {
     }
 
     public func setNodeName(_ name: String) { nodeNameBox.withLock { $0 = name } }
+
+    /// QEMU's bdrv_reopen_set_read_only(bs, true): flushes, then refuses
+    /// writes from now on. (The caller makes sure none is in flight.)
+    public func reopenReadOnly() async throws(BlockError) {
+        if readOnly { return }
+        try await flush()
+        try await driver.settleForReadOnly()
+        readOnlyBox.store(true, ordering: .releasing)
+    }
 
     public var formatName: String { driver.formatName }
     public var length: Int64 { driver.length }

@@ -388,9 +388,34 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Set once reopened read-only: close then writes nothing.
+    private let settledReadOnly = Atomic<Bool>(false)
+
+    /// A live snapshot's old layer becomes read-only: the cached tables,
+    /// the cluster reserve and the dirty bit are settled now, as a clean
+    /// close would; afterwards the image is not written again.
+    public func settleForReadOnly() async throws(BlockError) {
+        if options.readOnly || settledReadOnly.load(ordering: .acquiring) { return }
+        await ioGate.waitIdle()
+        await lock.lock()
+        defer { lock.unlock() }
+        if closed { return }
+        try await writebackL2Locked()
+        try await releaseReserveLocked()
+        try await file.flush()
+        try await applyFreesLocked(durable: true, force: true)
+        try await file.flush()
+        if header.isDirty && (markedDirty || header.lazyRefcounts) {
+            header.incompatibleFeatures &= ~Qcow2.incompatDirty
+            try await writeIncompatibleFeaturesLocked()
+            try await file.flush()
+        }
+        settledReadOnly.store(true, ordering: .releasing)
+    }
+
     public func close() async throws(BlockError) {
         var firstError: BlockError?
-        if !options.readOnly {
+        if !options.readOnly && !settledReadOnly.load(ordering: .acquiring) {
             await ioGate.waitIdle()
             await lock.lock()
             do throws(BlockError) {

@@ -40,6 +40,28 @@ enum Commands {
             try await qmp { () async throws(BlockError) in try d.blockdevCreate(jobID: id, options: o) }
             return .emptyObject
         }),
+        ("blockdev-snapshot", { d, a throws(QMPError) in
+            let action = try SnapshotAction.parseSnapshot(a)
+            try await qmp { () async throws(BlockError) in try await d.snapshotTransaction([action]) }
+            return .emptyObject
+        }),
+        ("blockdev-snapshot-sync", { d, a throws(QMPError) in
+            let action = try SnapshotAction.parseSync(a)
+            try await qmp { () async throws(BlockError) in try await d.snapshotTransaction([action]) }
+            return .emptyObject
+        }),
+        ("transaction", { d, a throws(QMPError) in
+            let actions = try a.list("actions") { (v: QAPIValue) throws(QMPError) in
+                try SnapshotAction.parseTransactionAction(v)
+            }
+            _ = try a.optionalObject("properties") { (p: QAPIInput) throws(QMPError) in
+                _ = try p.optionalEnumValue("completion-mode", allowed: ["individual", "grouped"])
+                try p.finish()
+            }
+            try a.finish()
+            try await qmp { () async throws(BlockError) in try await d.snapshotTransaction(actions) }
+            return .emptyObject
+        }),
         ("query-named-block-nodes", { d, a throws(QMPError) in
             let flat = try a.optionalBool("flat") ?? false
             try a.finish()

@@ -140,6 +140,11 @@ public final class Daemon {
             rec.monitorOwned = false
             try? await rec.node.close()
         }
+        // Top layers nobody added by name (a snapshot's overlay) close too,
+        // and with them the chains they hold.
+        for rec in graph.all where !rec.node.isClosed && graph.nodeParents(of: rec.node).isEmpty {
+            try? await rec.node.close()
+        }
         // Anything still open (nodes kept by other references) is flushed too.
         for rec in graph.all where !rec.node.isClosed {
             try? await rec.node.flush()

@@ -22,15 +22,30 @@ struct NBDExportOptions: Sendable {
 final class ExportRecord {
     let id: String
     let nbdName: String
-    let node: BlockNode
+    /// The node served; changes when a snapshot puts an overlay on top.
+    private(set) var node: BlockNode
     let writable: Bool
+    let backend: NodeExportBackend?
     var shuttingDown = false
 
-    init(id: String, nbdName: String, node: BlockNode, writable: Bool) {
+    init(id: String, nbdName: String, node: BlockNode, writable: Bool, backend: NodeExportBackend? = nil) {
         self.id = id
         self.nbdName = nbdName
         self.node = node
         self.writable = writable
+        self.backend = backend
+    }
+
+    /// Serve `newNode` from now on (QEMU moves a BlockBackend's root).
+    func retarget(to newNode: BlockNode, graph: Graph) async {
+        let old = node
+        let user = RootUser(exportID: id, writable: writable)
+        await backend?.retarget(to: newNode)
+        node = newNode
+        let oldKey = ObjectIdentifier(old)
+        graph.rootUsers[oldKey]?.removeAll { $0.exportID == id }
+        if graph.rootUsers[oldKey]?.isEmpty == true { graph.rootUsers[oldKey] = nil }
+        graph.rootUsers[ObjectIdentifier(newNode), default: []].append(user)
     }
 }
 
@@ -87,7 +102,7 @@ final class ExportRegistry {
                                               writable: o.writable, allocationDepth: o.allocationDepth))
         graph.rootUsers[ObjectIdentifier(rec.node), default: []].append(user)
         try? graph.updateLocks()
-        exports.insert(ExportRecord(id: o.id, nbdName: name, node: rec.node, writable: o.writable), at: 0)
+        exports.insert(ExportRecord(id: o.id, nbdName: name, node: rec.node, writable: o.writable, backend: backend), at: 0)
     }
 
     /// block-export-del / nbd-server-remove. `hard` disconnects clients;

@@ -214,7 +214,10 @@ final class Graph {
         var shared: Perm = .all
         switch (parent.formatName, child.role) {
         case (_, .backing):
-            perm = []
+            // QEMU's bdrv_default_perms_for_cow: consistent reads of the
+            // backing file when the overlay's own users read it.
+            let up = edges(into: parent)
+            perm = up.contains { $0.perm.contains(.consistentRead) } ? [.consistentRead] : []
             shared = .all
         case ("raw", _):
             // raw passes its parents' needs through.

@@ -5,21 +5,94 @@ import BlockCore
 import BlockGraph
 import NBDServer
 import ServerKit
+import Synchronization
 
 /// Serves an NBD export from a block node (QEMU's NBD export on a
 /// BlockBackend). Requests run on the node's home loop (`executor`); the
 /// node's generic layer does validation, alignment and serialisation.
 final class NodeExportBackend: NBDBackend, Sendable {
-    let node: BlockNode
     let executor: EventLoopExecutor
     let writable: Bool
     let allocationDepth: Bool
 
+    private struct Gate {
+        var node: BlockNode
+        var inFlight = 0
+        var paused = false
+        var waitingToEnter: [CheckedContinuation<Void, Never>] = []
+        var drained: CheckedContinuation<Void, Never>?
+    }
+    private let gate: Mutex<Gate>
+
     init(node: BlockNode, executor: EventLoopExecutor, writable: Bool, allocationDepth: Bool) {
-        self.node = node
+        self.gate = Mutex(Gate(node: node))
         self.executor = executor
         self.writable = writable
         self.allocationDepth = allocationDepth
+    }
+
+    /// The node requests go to now.
+    var node: BlockNode { gate.withLock { $0.node } }
+
+    /// Every request enters (waiting while the export is being moved to
+    /// another node) and leaves; `body` runs on the node current at entry.
+    private func request<T>(_ body: (BlockNode) async throws(BlockError) -> T) async throws(BlockError) -> T {
+        var entered: BlockNode? = gate.withLock { g in
+            if g.paused { return nil }
+            g.inFlight += 1
+            return g.node
+        }
+        while entered == nil {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let resumeNow = gate.withLock { g -> Bool in
+                    if !g.paused { return true }
+                    g.waitingToEnter.append(c)
+                    return false
+                }
+                if resumeNow { c.resume() }
+            }
+            entered = gate.withLock { g in
+                if g.paused { return nil }
+                g.inFlight += 1
+                return g.node
+            }
+        }
+        defer {
+            let done = gate.withLock { g -> CheckedContinuation<Void, Never>? in
+                g.inFlight -= 1
+                if g.inFlight == 0, let d = g.drained {
+                    g.drained = nil
+                    return d
+                }
+                return nil
+            }
+            done?.resume()
+        }
+        return try await body(entered!)
+    }
+
+    /// Moves the export to `newNode` (QEMU's bdrv_replace_node under a
+    /// drained section): new requests wait, requests in flight finish on
+    /// the old node, `switching` runs with nothing in flight, then
+    /// requests go on against the new node.
+    func retarget(to newNode: BlockNode, switching: @Sendable () -> Void = {}) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = gate.withLock { g -> Bool in
+                g.paused = true
+                if g.inFlight == 0 { return true }
+                g.drained = c
+                return false
+            }
+            if now { c.resume() }
+        }
+        switching()
+        let waiters = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
+            g.node = newNode
+            g.paused = false
+            defer { g.waitingToEnter = [] }
+            return g.waitingToEnter
+        }
+        waiters.forEach { $0.resume() }
     }
 
     var size: Int64 { node.length }
@@ -33,12 +106,14 @@ final class NodeExportBackend: NBDBackend, Sendable {
     }
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
-        try await node.read(at: offset, into: buffer)
+        try await request { (node) async throws(BlockError) in try await node.read(at: offset, into: buffer) }
     }
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, fua: Bool) async throws(BlockError) {
-        try await node.write(at: offset, from: buffer, flags: fua ? [.fua] : [])
-        if fua { try await node.flush() }
+        try await request { (node) async throws(BlockError) in
+            try await node.write(at: offset, from: buffer, flags: fua ? [.fua] : [])
+            if fua { try await node.flush() }
+        }
     }
 
     func writeZeroes(at offset: Int64, length: Int64, mayTrim: Bool, fastZero: Bool, fua: Bool) async throws(BlockError) {
@@ -47,21 +122,27 @@ final class NodeExportBackend: NBDBackend, Sendable {
         // FAST_ZERO is QEMU's BDRV_REQ_NO_FALLBACK: drivers refuse with
         // ENOTSUP rather than write explicit zeroes.
         if fastZero { flags.insert(.noFallback) }
-        try await node.writeZeroes(at: offset, length: length, flags: flags)
-        if fua { try await node.flush() }
+        let f = flags
+        try await request { (node) async throws(BlockError) in
+            try await node.writeZeroes(at: offset, length: length, flags: f)
+            if fua { try await node.flush() }
+        }
     }
 
     func trim(at offset: Int64, length: Int64, fua: Bool) async throws(BlockError) {
-        try await node.discard(at: offset, length: length)
-        if fua { try await node.flush() }
+        try await request { (node) async throws(BlockError) in
+            try await node.discard(at: offset, length: length)
+            if fua { try await node.flush() }
+        }
     }
 
     func flush() async throws(BlockError) {
-        try await node.flush()
+        try await request { (node) async throws(BlockError) in try await node.flush() }
     }
 
     func cache(at offset: Int64, length: Int64) async throws(BlockError) {
         // Prefetch: read through the chain into the page cache, in chunks.
+        let node = self.node
         let chunk: Int64 = 1 << 20
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(chunk, length)), alignment: 4096)
         defer { buf.deallocate() }
@@ -76,6 +157,7 @@ final class NodeExportBackend: NBDBackend, Sendable {
 
     func blockStatus(_ context: NBDMetaContextKind, at offset: Int64, length: Int64) async throws(BlockError) -> [NBDExtent] {
         let maxLen = min(length, Int64(UInt32.max) & ~511)
+        let node = self.node
         switch context {
         case .baseAllocation:
             let st = try await node.blockStatusAbove(base: nil, at: offset, length: maxLen)
@@ -93,6 +175,7 @@ final class NodeExportBackend: NBDBackend, Sendable {
     }
 
     func zeroRun(at offset: Int64, length: Int64) async throws(BlockError) -> (isZero: Bool, length: Int64) {
+        let node = self.node
         let st = try await node.blockStatusAbove(base: nil, at: offset, length: length)
         let n = max(1, min(st.status.length, length))
         return (st.status.flags.contains(.zero), n)
