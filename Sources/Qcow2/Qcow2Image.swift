@@ -400,6 +400,13 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         await lock.lock()
         defer { lock.unlock() }
         if closed { return }
+        try await settleLocked()
+        settledReadOnly.store(true, ordering: .releasing)
+    }
+
+    /// What a clean close writes: cached L2 tables, the unused reserve
+    /// returned, deferred frees applied, the dirty bit cleared; durable.
+    private func settleLocked() async throws(BlockError) {
         try await writebackL2Locked()
         try await releaseReserveLocked()
         try await file.flush()
@@ -410,7 +417,6 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
             try await writeIncompatibleFeaturesLocked()
             try await file.flush()
         }
-        settledReadOnly.store(true, ordering: .releasing)
     }
 
     public func close() async throws(BlockError) {
@@ -420,16 +426,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
             await lock.lock()
             do throws(BlockError) {
                 if !closed {
-                    try await writebackL2Locked()
-                    try await releaseReserveLocked()
-                    try await file.flush()
-                    try await applyFreesLocked(durable: true, force: true)
-                    try await file.flush()
-                    if header.isDirty && (markedDirty || header.lazyRefcounts) {
-                        header.incompatibleFeatures &= ~Qcow2.incompatDirty
-                        try await writeIncompatibleFeaturesLocked()
-                        try await file.flush()
-                    }
+                    try await settleLocked()
                 }
             } catch {
                 firstError = error
