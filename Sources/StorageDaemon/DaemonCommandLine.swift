@@ -156,53 +156,36 @@ struct ChardevSpec: Equatable {
     var id: String
     var address: ListenAddress
 
+    /// QEMU's deprecation warnings (short-form booleans such as `server`).
+    var warnings: [String] = []
+
     static func parse(_ text: String) throws(UsageError) -> ChardevSpec {
-        // QemuOpts: comma-separated, ",," escapes a comma, the first bare word is the backend.
-        var parts: [String] = []
-        var cur = ""
-        var chars = Array(text)
-        var i = 0
-        while i < chars.count {
-            if chars[i] == "," {
-                if i + 1 < chars.count && chars[i + 1] == "," {
-                    cur.append(",")
-                    i += 2
-                    continue
-                }
-                parts.append(cur)
-                cur = ""
-            } else {
-                cur.append(chars[i])
-            }
-            i += 1
+        // QemuOpts syntax: ",," escapes a comma, the first bare word is the backend.
+        let parsed: QemuOpts
+        do throws(QMPError) {
+            parsed = try QemuOpts.parse(text, spec: .chardev)
+        } catch {
+            throw UsageError(message: String(error.desc.split(separator: "\n").first ?? ""))
         }
-        parts.append(cur)
-        chars = []
-        var backend: String?
+        if parsed.help {
+            throw UsageError(message: "chardev: help is not available in Lamina")
+        }
         var opts: [String: String] = [:]
-        for (n, p) in parts.enumerated() where !p.isEmpty {
-            if let eq = p.firstIndex(of: "=") {
-                opts[String(p[..<eq])] = String(p[p.index(after: eq)...])
-            } else if n == 0 {
-                backend = p
-            } else {
-                opts[p] = "on"
-            }
-        }
-        if let b = opts.removeValue(forKey: "backend") { backend = b }
-        guard let backend else { throw UsageError(message: "chardev: \"\(text)\" missing backend") }
+        for (k, v) in parsed.options { opts[k] = v }
+        if let id = parsed.id { opts["id"] = id }
+        guard let backend = opts.removeValue(forKey: "backend") else { throw UsageError(message: "chardev: \"\(text)\" missing backend") }
         guard let id = opts["id"] else { throw UsageError(message: "Parameter 'id' is missing") }
         guard backend == "socket" else {
             throw UsageError(message: "chardev '\(id)': backend '\(backend)' is not supported by Lamina (use socket)")
         }
-        if let s = opts["server"], !["on", "yes", "true", "y"].contains(s) {
+        if opts["server"] != nil, (try? parsed.bool("server")) != true {
             throw UsageError(message: "chardev '\(id)': only server sockets (server=on) are supported by Lamina")
         }
         if let path = opts["path"] {
-            return ChardevSpec(id: id, address: .unix(path: path))
+            return ChardevSpec(id: id, address: .unix(path: path), warnings: parsed.warnings)
         }
         if let port = opts["port"] {
-            return ChardevSpec(id: id, address: .inet(host: opts["host"] ?? "", port: port))
+            return ChardevSpec(id: id, address: .inet(host: opts["host"] ?? "", port: port), warnings: parsed.warnings)
         }
         throw UsageError(message: "chardev: socket: no host given")
     }

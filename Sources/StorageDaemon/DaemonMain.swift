@@ -62,7 +62,13 @@ public final class DaemonMain {
                     throw fail("blockdev", arg, error.desc)
                 }
             case .chardev(let arg):
-                let c = try ChardevSpec.parse(arg)
+                let c: ChardevSpec
+                do throws(UsageError) {
+                    c = try ChardevSpec.parse(arg)
+                } catch {
+                    throw fail("chardev", arg, error.message)
+                }
+                for w in c.warnings { FileHandleStderr.write("\(prog): --chardev \(arg): warning: \(w)\n") }
                 if chardevs[c.id] != nil {
                     throw UsageError(message: "--chardev \(arg): attempt to add duplicate property 'id' to object (type 'chardev')")
                 }

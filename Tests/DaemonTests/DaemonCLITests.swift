@@ -41,6 +41,8 @@ struct DaemonCLITests {
              "--export", "type=nbd,id=e0,node-name=n0,writable=perhaps"],
             ["--blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename=\(dir.path)/a.qcow2,backing.driver=bogus"],
             ["--monitor", "chardev=nothere"],
+            ["--chardev", "socket,id=m,path=\(dir.path)/q.sock,bogus=1"],
+            ["--chardev", "socket,id=m,path=\(dir.path)/q.sock,server=maybe"],
         ]
         for args in cases {
             let (qs, qe) = try startFailure(.qemu, args)
