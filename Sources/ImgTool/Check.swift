@@ -115,9 +115,9 @@ enum CheckCommand {
         }
         if r.totalClusters != 0 && r.allocatedClusters != 0 {
             let a = Double(r.allocatedClusters)
-            s += "\(r.allocatedClusters)/\(r.totalClusters) = " + cFormat("%0.2f", a * 100.0 / Double(r.totalClusters))
-                + "% allocated, " + cFormat("%0.2f", Double(r.fragmentedClusters) * 100.0 / a) + "% fragmented, "
-                + cFormat("%0.2f", Double(r.compressedClusters) * 100.0 / a) + "% compressed clusters\n"
+            s += "\(r.allocatedClusters)/\(r.totalClusters) = " + cPrintf("%0.2f", a * 100.0 / Double(r.totalClusters))
+                + "% allocated, " + cPrintf("%0.2f", Double(r.fragmentedClusters) * 100.0 / a) + "% fragmented, "
+                + cPrintf("%0.2f", Double(r.compressedClusters) * 100.0 / a) + "% compressed clusters\n"
         }
         if r.imageEndOffset != 0 { s += "Image end offset: \(r.imageEndOffset)\n" }
         return s

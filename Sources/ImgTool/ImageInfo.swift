@@ -144,9 +144,9 @@ func snapshotLine(_ sn: Qcow2Snapshot) -> String {
     var t = time_t(sn.dateSec)
     var tmv = tm()
     localtime_r(&t, &tmv)
-    let date = cFormat("%04d-%02d-%02d %02d:%02d:%02d", tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec)
+    let date = cPrintf("%04d-%02d-%02d %02d:%02d:%02d", tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec)
     let secs = sn.vmClockNsec / 1_000_000_000
-    let clock = cFormat("%02d:%02d:%02d.%03d", Int32(secs / 3600), Int32((secs / 60) % 60), Int32(secs % 60),
+    let clock = cPrintf("%02d:%02d:%02d.%03d", Int32(secs / 3600), Int32((secs / 60) % 60), Int32(secs % 60),
                         Int32((sn.vmClockNsec / 1_000_000) % 1000))
     let icount = sn.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
     return pad(sn.id, 9, left: true) + " " + pad(sn.name, 16, left: true) + " " + pad(humanSize(sn.vmStateSize), 8)
@@ -186,7 +186,7 @@ func dumpQObject(_ v: JSON, indent: Int) -> String {
     case .string(let x): s += x
     case .int(let x): s += String(x)
     case .uint(let x): s += String(x)
-    case .double(let x): s += cFormat("%g", x)
+    case .double(let x): s += cPrintf("%g", x)
     case .bool(let x): s += x ? "true" : "false"
     case .null: s += "null"
     }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import BlockCore
+import LaminaJSON
 
 /// Buffered standard output (flushed explicitly and at exit).
 final class StdoutBuffer: @unchecked Sendable {
@@ -31,18 +32,6 @@ func errln(_ s: String) {
     FileHandleStderr.write(s + "\n")
 }
 
-/// printf-style "%0.3g" and friends, through the C library.
-func cFormat(_ format: String, _ args: any CVarArg...) -> String {
-    withVaList(args) { va in
-        var buf = [CChar](repeating: 0, count: 128)
-        let n = vsnprintf(&buf, buf.count, format, va)
-        if n >= buf.count {
-            buf = [CChar](repeating: 0, count: Int(n) + 1)
-            _ = withVaList(args) { va2 in vsnprintf(&buf, buf.count, format, va2) }
-        }
-        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-}
 
 /// QEMU's size_to_str: "196 KiB", "1 GiB", "1.5 GiB", "512 B".
 func humanSize(_ v: UInt64) -> String {
@@ -51,5 +40,5 @@ func humanSize(_ v: UInt64) -> String {
     _ = frexp(Double(v) / (1000.0 / 1024.0), &e)
     let i = max(0, Int((e - 1) / 10))
     let div = Double(UInt64(1) << UInt64(i * 10))
-    return cFormat("%0.3g", Double(v) / div) + " " + suffixes[i] + "B"
+    return cPrintf("%0.3g", Double(v) / div) + " " + suffixes[i] + "B"
 }

@@ -1,3 +1,5 @@
+import LaminaJSON
+
 /// qemu-img's progress line ("    (42.00/100%)\r" on stdout), printed when
 /// the value moves by at least `minSkip` percent, and at 0 and 100.
 final class Progress {
@@ -19,7 +21,7 @@ final class Progress {
         current = c
         if c > lastPrint + minSkip || c < lastPrint - minSkip || c == 0 || c == 100 {
             lastPrint = c
-            out("    (" + cFormat("%3.2f", Double(c)) + "/100%)\r")
+            out("    (" + cPrintf("%3.2f", Double(c)) + "/100%)\r")
             StdoutBuffer.shared.flush()
         }
     }
