@@ -5,7 +5,7 @@
 # fio's nbd engine 4 KiB random read and write at iodepth 1 and 32.
 # Prints medians of throughput (MiB/s) or IOPS and the ratio lamina/qemu
 # (>= 1.0 means Lamina is at least as fast).
-# Usage: bench/nbd.sh [runs]   (BENCH_SIZE, BENCH_DIR, BENCH_FIO_SECONDS)
+# Usage: bench/nbd.sh [runs]   (BENCH_SIZE, BENCH_DIR, BENCH_FIO_SECONDS, BENCH_CASES)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-${BENCH_RUNS:-5}}
@@ -76,6 +76,8 @@ spread() { sort -n | awk '{a[NR]=$1} END {printf "%.0f-%.0f", a[1], a[NR]}'; }
 
 run_case() {  # kind fmt unit
     local kind=$1 fmt=$2 unit=$3 q=() l=()
+    # BENCH_CASES="qcow2:seqread raw:randread-1" runs only those cases.
+    if [ -n "${BENCH_CASES:-}" ] && [[ " $BENCH_CASES " != *" $fmt:$kind "* ]]; then return 0; fi
     for i in $(seq "$RUNS"); do
         for tool in qemu lamina; do
             if [ $((i % 2)) -eq 0 ]; then [ $tool = qemu ] && tool=lamina || tool=qemu; fi
