@@ -80,7 +80,7 @@ let package = Package(
             name: "StorageDaemon",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "ImgTool",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "ImgTool", "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],

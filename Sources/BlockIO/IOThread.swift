@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLaminaSys
 import DequeModule
 import Synchronization
 
@@ -60,6 +61,7 @@ public final class IOThread: TaskExecutor, @unchecked Sendable {
     }
 
     private func run() {
+        lamina_set_thread_name(name)
         let executor = asUnownedTaskExecutor()
         var batch: Deque<UnownedJob> = []
         while true {

@@ -148,3 +148,12 @@ ssize_t lamina_copy_file_range(int fd_in, int64_t off_in, int fd_out, int64_t of
 int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from) {
     return posix_spawn_file_actions_addclosefrom_np(fa, from);
 }
+
+#include <sys/prctl.h>
+void lamina_set_thread_name(const char *name) { prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0); }
+
+#include <malloc.h>
+void lamina_keep_large_buffers_in_heap(int max_buffer) {
+    mallopt(M_MMAP_THRESHOLD, max_buffer);
+    mallopt(M_TRIM_THRESHOLD, 8 * max_buffer);
+}

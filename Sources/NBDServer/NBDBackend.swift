@@ -44,6 +44,11 @@ public protocol NBDBackend: AnyObject, Sendable {
     var size: Int64 { get }
     /// The loop on which requests for this backend run.
     var executor: EventLoopExecutor { get }
+    /// Where NBD_CMD_READ for [offset, offset+length) runs. Default:
+    /// `executor`. A backend whose reads are thread-safe may spread them
+    /// over I/O threads so that several reads are in flight while the loop
+    /// sends replies (QEMU's thread pool for a connection's preads).
+    func readExecutor(offset: Int64, length: Int) -> any TaskExecutor
     /// Whether concurrent connections see a consistent view with one flush
     /// (NBD_FLAG_CAN_MULTI_CONN is advertised only if this is true and the
     /// server's max-connections is not 1, QEMU 7.2's rule).
@@ -79,6 +84,7 @@ public protocol NBDBackend: AnyObject, Sendable {
 }
 
 extension NBDBackend {
+    public func readExecutor(offset: Int64, length: Int) -> any TaskExecutor { executor }
     public var requestAlignment: UInt32 { 1 }
     public var maxTransfer: UInt32 { UInt32.max }
 }

@@ -25,7 +25,10 @@ final class NBDRequestRunner: Sendable {
     /// Starts serving `request` (with its WRITE payload) in a task on the
     /// backend's executor; the reply is handed to the connection on its loop.
     func start(_ request: NBDRequest, payload: ByteBuffer?) {
-        Task(executorPreference: backend.executor) { [self] in
+        let executor: any TaskExecutor = request.type == NBDCommand.read
+            ? backend.readExecutor(offset: Int64(request.offset), length: Int(request.length))
+            : backend.executor
+        Task(executorPreference: executor) { [self] in
             let reply = await self.serve(request, payload: payload)
             let loop = self.connection.eventLoop
             if loop.inEventLoop {

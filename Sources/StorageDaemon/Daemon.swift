@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockGraph
+import BlockIO
 import BlockJobs
 import LaminaJSON
 import NBDServer
@@ -150,6 +151,7 @@ public final class Daemon {
             try? await rec.node.flush()
         }
         graph.sweepClosed()
+        exports.readPool.shutdown()
     }
 }
 

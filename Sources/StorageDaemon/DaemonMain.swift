@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockDrivers
+import CLaminaSys
 import LaminaJSON
 import QMP
 import Qcow2
@@ -28,6 +29,12 @@ public final class DaemonMain {
         daemon.eventSink = { name, data in q.emit(event: name, data: data) }
         let ev = done
         daemon.onQuit = { ev.signal() }
+    }
+
+    /// NBD replies of up to 32 MiB are allocated per request on an I/O
+    /// thread and freed on the loop after the send; keep them in the heap.
+    public nonisolated static func tuneAllocator() {
+        lamina_keep_large_buffers_in_heap(33 << 20)
     }
 
     /// Handles the informational options before anything starts (and

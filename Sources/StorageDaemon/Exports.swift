@@ -1,5 +1,6 @@
 import BlockCore
 import BlockGraph
+import BlockIO
 import NBDServer
 import ServerKit
 
@@ -60,6 +61,9 @@ final class ExportRegistry {
     let executorFor: (BlockNode) -> EventLoopExecutor
     /// Emits BLOCK_EXPORT_DELETED.
     let onDeleted: (String) -> Void
+    /// I/O threads for export reads (QEMU's thread pool): a connection
+    /// keeps several reads in flight while its loop sends replies.
+    let readPool = IOThreadPool(count: 4, name: "nbd-read")
 
     init(graph: Graph, nbd: NBDServer, executorFor: @escaping (BlockNode) -> EventLoopExecutor,
          onDeleted: @escaping (String) -> Void) {
@@ -96,7 +100,8 @@ final class ExportRegistry {
         }
         let user = RootUser(exportID: o.id, writable: o.writable)
         try graph.checkNewEdge(Graph.rootEdge(user, rec.node))
-        let backend = NodeExportBackend(node: rec.node, executor: executorFor(rec.node), writable: o.writable,
+        let backend = NodeExportBackend(node: rec.node, executor: executorFor(rec.node), readPool: readPool,
+                                        writable: o.writable,
                                         allocationDepth: o.allocationDepth)
         _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
                                               writable: o.writable, allocationDepth: o.allocationDepth))

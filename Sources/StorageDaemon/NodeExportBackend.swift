@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockGraph
+import BlockIO
 import NBDServer
 import ServerKit
 import Synchronization
@@ -24,9 +25,15 @@ final class NodeExportBackend: NBDBackend, Sendable {
     }
     private let gate: Mutex<Gate>
 
-    init(node: BlockNode, executor: EventLoopExecutor, writable: Bool, allocationDepth: Bool) {
+    /// Threads that run reads (nil: reads run on `executor` too).
+    private let readPool: IOThreadPool?
+    private let nextReader = Atomic<Int>(0)
+
+    init(node: BlockNode, executor: EventLoopExecutor, readPool: IOThreadPool? = nil, writable: Bool,
+         allocationDepth: Bool) {
         self.gate = Mutex(Gate(node: node))
         self.executor = executor
+        self.readPool = readPool
         self.writable = writable
         self.allocationDepth = allocationDepth
     }
@@ -93,6 +100,14 @@ final class NodeExportBackend: NBDBackend, Sendable {
             return g.waitingToEnter
         }
         waiters.forEach { $0.resume() }
+    }
+
+    /// Reads are thread-safe in every driver (they may run on any I/O
+    /// thread), so a connection's reads are spread over the pool: the
+    /// loop keeps sending replies while several preads are in flight.
+    func readExecutor(offset: Int64, length: Int) -> any TaskExecutor {
+        guard let readPool else { return executor }
+        return readPool[nextReader.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max]
     }
 
     var size: Int64 { node.length }

@@ -9,6 +9,12 @@ import StorageDaemon
 // Option errors print "<prog>: <message>" and exit 1; a clean shutdown
 // (quit, SIGTERM, SIGINT) exits 0.
 
+// NBD replies are built in buffers of up to 32 MiB, allocated on an I/O
+// thread and freed on the loop after the send. Above glibc's default
+// mmap threshold each one would be a fresh mapping whose pages the kernel
+// must fault in and zero on every request; keep them in the heap instead.
+DaemonMain.tuneAllocator()
+
 @ControlActor
 func runDaemon(_ options: [DaemonOption], notify: Int32) async -> Int32 {
     let main = DaemonMain(prog: prog)

@@ -41,5 +41,11 @@ int lamina_zstd_decompress(const void *src, size_t src_len, void *dst, size_t ds
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): close every
 /// descriptor >= from in the child. Returns 0 or an errno value.
 int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from);
+/// Names the calling thread (15 bytes are kept), as shown by ps/perf.
+void lamina_set_thread_name(const char *name);
+/// Serves malloc requests up to max_buffer bytes from the heap (not fresh
+/// mmaps whose pages are faulted in and zeroed on every use) and keeps
+/// freed memory for reuse.
+void lamina_keep_large_buffers_in_heap(int max_buffer);
 
 #endif
