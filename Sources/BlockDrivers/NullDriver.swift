@@ -15,6 +15,8 @@ public final class NullDriver: BlockDriver, Sendable {
         self.latencyNs = latencyNs
     }
 
+    public func reopenForWriting() async throws(BlockError) {}
+
     public var formatName: String { "null-co" }
     public var children: [BlockChild] { [] }
 

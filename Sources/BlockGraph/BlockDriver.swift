@@ -52,6 +52,13 @@ public struct WriteFlags: OptionSet, Sendable {
     public static let mayUnmap = WriteFlags(rawValue: 1 << 1)
     /// write-zeroes must be fast or fail with notSupported (NBD FAST_ZERO).
     public static let noFallback = WriteFlags(rawValue: 1 << 2)
+    /// Copy-on-read / stream population (QEMU's BDRV_REQ_COPY_ON_READ
+    /// write half): write only the clusters still unallocated in this
+    /// layer, checked atomically with concurrent writes, and leave the
+    /// others as they are (a guest write there is newer). Formats with a
+    /// backing file implement it; the data must equal what the layer reads
+    /// now (it comes from the backing chain).
+    public static let copyOnRead = WriteFlags(rawValue: 1 << 3)
 }
 
 /// A child edge: the role it plays for its parent (QEMU's BdrvChild).
@@ -118,10 +125,16 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// Reopen read-only: write now what a clean close would write; no
     /// write follows (nor any at close). Default: nothing to do.
     func settleForReadOnly() async throws(BlockError)
+    /// Reopen read-write (QEMU's bdrv_reopen_set_read_only(bs, false)):
+    /// children first, then whatever the driver needs to write again.
+    func reopenForWriting() async throws(BlockError)
 }
 
 public extension BlockDriver {
     func settleForReadOnly() async throws(BlockError) {}
+    func reopenForWriting() async throws(BlockError) {
+        throw BlockError(.notSupported, errno: 95, "Driver '\(formatName)' cannot be reopened read-write")
+    }
     var requestAlignment: Int { 1 }
     var memoryAlignment: Int { 1 }
     var growable: Bool { false }

@@ -46,6 +46,41 @@ public final class BlockNode: Sendable {
         readOnlyBox.store(true, ordering: .releasing)
     }
 
+    /// QEMU's bdrv_reopen_set_read_only(bs, false): the node (and the
+    /// children it writes) accept writes again.
+    public func reopenReadWrite() async throws(BlockError) {
+        if !readOnly { return }
+        try await driver.reopenForWriting()
+        readOnlyBox.store(false, ordering: .releasing)
+    }
+
+    // MARK: - Dirty tracking
+
+    /// Bitmaps that every write, write-zeroes and discard through this
+    /// node marks (QEMU's bdrv_set_dirty; jobs and, later, user bitmaps).
+    private let bitmaps = Mutex<[DirtyBitmap]>([])
+    private let bitmapCount = Atomic<Int>(0)
+
+    public func addDirtyBitmap(_ b: DirtyBitmap) {
+        bitmaps.withLock {
+            $0.append(b)
+            bitmapCount.store($0.count, ordering: .releasing)
+        }
+    }
+
+    public func removeDirtyBitmap(_ b: DirtyBitmap) {
+        bitmaps.withLock {
+            $0.removeAll { $0 === b }
+            bitmapCount.store($0.count, ordering: .releasing)
+        }
+    }
+
+    @inline(__always)
+    private func markDirty(_ offset: Int64, _ length: Int64) {
+        if bitmapCount.load(ordering: .acquiring) == 0 { return }
+        for b in bitmaps.withLock({ $0 }) { b.mark(offset, length) }
+    }
+
     public var formatName: String { driver.formatName }
     public var length: Int64 { driver.length }
     public var children: [BlockChild] { driver.children }
@@ -97,7 +132,9 @@ public final class BlockNode: Sendable {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags = []) async throws(BlockError) {
         try check(offset, Int64(buffer.count), write: true)
         if buffer.count == 0 { return }
-        if policy.detectZeroes != .off, let base = buffer.baseAddress, isZeroMemory(base, buffer.count) {
+        defer { markDirty(offset, Int64(buffer.count)) }
+        if policy.detectZeroes != .off, !flags.contains(.copyOnRead), let base = buffer.baseAddress,
+           isZeroMemory(base, buffer.count) {
             var zflags = flags
             if policy.detectZeroes == .unmap { zflags.insert(.mayUnmap) }
             try await writeZeroes(at: offset, length: Int64(buffer.count), flags: zflags)
@@ -119,6 +156,7 @@ public final class BlockNode: Sendable {
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags = []) async throws(BlockError) {
         try check(offset, length, write: true)
         if length == 0 { return }
+        defer { markDirty(offset, length) }
         var flags = flags
         if !policy.discardUnmap { flags.remove(.mayUnmap) }
         let a = Int64(driver.requestAlignment)
@@ -143,6 +181,7 @@ public final class BlockNode: Sendable {
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
         try check(offset, length, write: true)
         if length == 0 || !policy.discardUnmap { return }
+        defer { markDirty(offset, length) }
         try await driver.discard(at: offset, length: length)
     }
 

@@ -14,7 +14,9 @@ import Synchronization
 public final class HostFile: Sendable {
     public let fd: Int32
     public let path: String
-    public let readOnly: Bool
+    /// Whether the descriptor is open read-only (changes with `reopen`).
+    public var readOnly: Bool { readOnlyBox.load(ordering: .acquiring) }
+    private let readOnlyBox: Atomic<Bool>
     public let direct: Bool
     public let isBlockDevice: Bool
     /// Request alignment in bytes (1 unless O_DIRECT).
@@ -70,7 +72,7 @@ public final class HostFile: Sendable {
     private init(fd: Int32, path: String, readOnly: Bool, direct: Bool, isBlockDevice: Bool, requestAlignment: Int) {
         self.fd = fd
         self.path = path
-        self.readOnly = readOnly
+        self.readOnlyBox = Atomic(readOnly)
         self.direct = direct
         self.isBlockDevice = isBlockDevice
         self.requestAlignment = requestAlignment
@@ -92,6 +94,25 @@ public final class HostFile: Sendable {
             if errno != EINVAL { return 4096 }
         }
         return 4096
+    }
+
+    /// QEMU's raw_reopen: the same descriptor number now refers to the file
+    /// opened anew with `readOnly` (dup3 swaps the open file description
+    /// atomically; requests in flight finish on the old one). Image locks
+    /// belong to the description: the caller applies them again.
+    public func reopen(readOnly: Bool) throws(BlockError) {
+        var oflags: Int32 = readOnly ? O_RDONLY : O_RDWR
+        if direct { oflags |= lamina_o_direct() }
+        let nfd: Int32
+        switch Sys.open(path, flags: oflags) {
+        case .success(let f): nfd = f
+        case .failure(let e): throw e.prefixed("Could not reopen file: ")
+        }
+        defer { Sys.close(nfd) }
+        if lamina_dup3_cloexec(nfd, fd) < 0 {
+            throw BlockError.posix(errno).prefixed("Could not reopen file: ")
+        }
+        readOnlyBox.store(readOnly, ordering: .releasing)
     }
 
     public func close() {

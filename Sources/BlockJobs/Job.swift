@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import BlockCore
 import Synchronization
 
@@ -14,6 +17,19 @@ public enum JobEvent: Sendable {
     /// Finalized after a cancel (BLOCK_JOB_CANCELLED) or a failure with
     /// `error` set (BLOCK_JOB_COMPLETED with error).
     case cancelled(Job)
+    /// An I/O error met by a block job, with the on-error action taken
+    /// (BLOCK_JOB_ERROR; operation "read" or "write").
+    case ioError(Job, operation: String, action: BlockErrorAction)
+}
+
+/// QAPI BlockdevOnError (the values block jobs accept).
+public enum BlockdevOnError: String, Sendable, CaseIterable {
+    case report, ignore, enospc, stop, auto
+}
+
+/// QAPI BlockErrorAction: what a job did about an error.
+public enum BlockErrorAction: String, Sendable {
+    case ignore, report, stop
 }
 
 /// A job's body and its transactional finish (QEMU's JobDriver).
@@ -32,6 +48,10 @@ public protocol JobDriver: AnyObject, Sendable {
     @ControlActor func clean(_ job: Job) async
     /// block-job-complete / job-complete on a READY job.
     @ControlActor func complete(_ job: Job) throws(BlockError)
+    /// QEMU's JobDriver.cancel: whether a cancel request really cancels
+    /// (`force`) or, for a READY mirror-like job, finishes it without
+    /// completing (a soft cancel: the job ends successfully).
+    @ControlActor func cancelIsForced(_ job: Job, force: Bool) -> Bool
 }
 
 public extension JobDriver {
@@ -42,6 +62,48 @@ public extension JobDriver {
     @ControlActor func complete(_ job: Job) throws(BlockError) {
         throw BlockError.invalid("The active block job '\(job.id)' cannot be completed")
     }
+    @ControlActor func cancelIsForced(_ job: Job, force: Bool) -> Bool { true }
+}
+
+/// The block-job part of a job (QEMU's BlockJob): what query-block-jobs
+/// and the BLOCK_JOB_* events report.
+public struct BlockJobInfo: Sendable {
+    public var onError: BlockdevOnError
+    public init(onError: BlockdevOnError = .report) { self.onError = onError }
+}
+
+/// QEMU's RateLimit with 100 ms slices: how long to wait after `n` bytes
+/// so that throughput stays at `speed` bytes per second.
+struct RateLimit {
+    static let sliceNs: UInt64 = 100_000_000
+    var sliceStart: UInt64 = 0
+    var sliceEnd: UInt64 = 0
+    var dispatched: UInt64 = 0
+
+    mutating func delay(speed: UInt64, bytes n: UInt64, now: UInt64) -> UInt64 {
+        guard speed > 0 else { return 0 }
+        let quota = max(1, speed / (1_000_000_000 / Self.sliceNs))
+        if sliceEnd < now {
+            sliceStart = now
+            sliceEnd = now + Self.sliceNs
+            dispatched = 0
+        }
+        if dispatched == 0 || dispatched + n <= quota {
+            dispatched += n
+            return 0
+        }
+        // Over quota: the next slices pay for it.
+        let slices = (dispatched + n) / quota
+        sliceEnd = sliceStart + slices * Self.sliceNs
+        dispatched += n
+        return sliceEnd > now ? sliceEnd - now : 0
+    }
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 /// One job (QEMU's Job): the lifecycle state machine, verbs, progress and
@@ -71,12 +133,20 @@ public final class Job: Sendable {
         var error: String?
         var speed: UInt64 = 0
         var resumeWaiters: [UnsafeContinuation<Void, Never>] = []
+        var ready = false
+        /// QAPI BlockDeviceIoStatus: "ok", "failed" or "nospace".
+        var ioStatus = "ok"
+        var rate = RateLimit()
     }
     let shared = Mutex(Shared())
 
+    /// Set for block jobs (stream, commit...): listed by query-block-jobs.
+    public let block: BlockJobInfo?
+
     init(id: String, driver: any JobDriver, autoFinalize: Bool, autoDismiss: Bool,
-         executor: any TaskExecutor, manager: JobManager) {
+         executor: any TaskExecutor, manager: JobManager, block: BlockJobInfo?) {
         self.id = id
+        self.block = block
         self.driver = driver
         self.autoFinalize = autoFinalize
         self.autoDismiss = autoDismiss
@@ -86,8 +156,15 @@ public final class Job: Sendable {
 
     public var type: JobType { driver.type }
     public var status: JobStatus { shared.withLock { $0.status } }
-    public var isCancelled: Bool { shared.withLock { $0.cancelled } }
-    public var isForceCancelled: Bool { shared.withLock { $0.cancelled && $0.force } }
+    /// Cancelled for real (QEMU's job_is_cancelled): the job fails with
+    /// ECANCELED. A soft cancel of a READY job is not.
+    public var isCancelled: Bool { shared.withLock { $0.cancelled && $0.force } }
+    /// Any cancel request (QEMU's job_cancel_requested): the body stops.
+    public var cancelRequested: Bool { shared.withLock { $0.cancelled } }
+    public var isReady: Bool { shared.withLock { $0.ready } }
+    /// QEMU's BlockJobInfo.paused: a pause is requested (pause_count > 0).
+    public var pauseRequested: Bool { shared.withLock { $0.pauseCount > 0 } }
+    public var ioStatus: String { shared.withLock { $0.ioStatus } }
     public var error: String? { shared.withLock { $0.error } }
     public var progress: (current: UInt64, total: UInt64) {
         shared.withLock { ($0.progressCurrent, $0.progressTotal) }
@@ -147,9 +224,56 @@ public final class Job: Sendable {
 
     /// Moves the job to READY (for jobs that need block-job-complete).
     @ControlActor public func becomeReady() {
+        shared.withLock { $0.ready = true }
         manager.transition(self, to: .ready)
         manager.emit(.ready(self))
     }
 
     public func setSpeedValue(_ v: UInt64) { shared.withLock { $0.speed = v } }
+
+    // MARK: Rate limit and sleeping (body side)
+
+    /// QEMU's block_job_ratelimit_get_delay: nanoseconds to wait after
+    /// copying `bytes` at the current speed.
+    public func rateLimitDelay(_ bytes: UInt64) -> UInt64 {
+        shared.withLock { s in s.rate.delay(speed: s.speed, bytes: bytes, now: monotonicNanoseconds()) }
+    }
+
+    /// QEMU's job_sleep_ns: sleeps unless cancelled, then honours a pause
+    /// request. Cancel, pause and a speed change cut the sleep short
+    /// (checked every 10 ms).
+    public func sleep(nanoseconds ns: UInt64) async {
+        if ns > 0 {
+            // QEMU's job is not busy while it sleeps.
+            shared.withLock { $0.busy = false }
+            defer { shared.withLock { $0.busy = true } }
+            let deadline = monotonicNanoseconds() + ns
+            let startSpeed = speed
+            while true {
+                let interrupted = shared.withLock { s in s.cancelled || s.pauseCount > 0 || s.speed != startSpeed }
+                let now = monotonicNanoseconds()
+                if interrupted || now >= deadline { break }
+                try? await Task.sleep(nanoseconds: min(deadline - now, 10_000_000))
+            }
+        }
+        await pausePoint()
+    }
+
+    // MARK: Errors (body side)
+
+    /// QEMU's block_job_error_action: decides what an I/O error means under
+    /// the job's on-error policy, reports it (BLOCK_JOB_ERROR) and, for
+    /// `stop`, pauses the job as if the user had (resume continues).
+    public func errorAction(errno code: Int32, isRead: Bool) async -> BlockErrorAction {
+        let policy = block?.onError ?? .report
+        let action: BlockErrorAction
+        switch policy {
+        case .enospc: action = code == ENOSPC ? .stop : .report
+        case .stop: action = .stop
+        case .ignore: action = .ignore
+        case .report, .auto: action = .report
+        }
+        await manager.reportError(self, operation: isRead ? "read" : "write", action: action, errno: code)
+        return action
+    }
 }

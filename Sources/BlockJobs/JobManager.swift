@@ -36,15 +36,24 @@ public final class JobManager: Sendable {
 
     /// Creates a job in state `created` (QEMU's job_create).
     public func create(id: String, driver: any JobDriver, autoFinalize: Bool = true, autoDismiss: Bool = true,
-                       executor: any TaskExecutor) throws(BlockError) -> Job {
-        if !Self.isWellFormedID(id) { throw BlockError.invalid("Invalid job ID '\(id)'") }
-        if job(id) != nil { throw BlockError.invalid("Job ID '\(id)' already in use") }
+                       executor: any TaskExecutor, block: BlockJobInfo? = nil, speed: UInt64 = 0) throws(BlockError) -> Job {
+        try checkNewID(id)
         let job = Job(id: id, driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
-                      executor: executor, manager: self)
+                      executor: executor, manager: self, block: block)
+        job.setSpeedValue(speed)
         transition(job, to: .created)
         jobs.insert(job, at: 0)
         return job
     }
+
+    /// QEMU's job_create checks on a new job's ID.
+    public func checkNewID(_ id: String) throws(BlockError) {
+        if !Self.isWellFormedID(id) { throw BlockError.invalid("Invalid job ID '\(id)'") }
+        if job(id) != nil { throw BlockError.invalid("Job ID '\(id)' already in use") }
+    }
+
+    /// The block jobs (query-block-jobs), newest first.
+    public var blockJobs: [Job] { jobs.filter { $0.block != nil } }
 
     /// Starts the body (QEMU's job_start): running, then the body's first pause point.
     public func start(_ job: Job) {
@@ -89,7 +98,8 @@ public final class JobManager: Sendable {
             return
         }
         transition(job, to: .pending)
-        emit(.pending(job))
+        // QEMU announces BLOCK_JOB_PENDING only when the user finalizes.
+        if !job.autoFinalize { emit(.pending(job)) }
         if job.autoFinalize {
             await finalizeSingle(job)
         }
@@ -140,24 +150,62 @@ public final class JobManager: Sendable {
         await finalizeSingle(job)
     }
 
-    public func pause(_ job: Job) throws(BlockError) {
+    public func pause(_ job: Job) async throws(BlockError) {
         try apply(.pause, job)
         if job.isUserPaused { throw BlockError.invalid("Job is already paused") }
         job.shared.withLock {
             $0.userPaused = true
             $0.pauseCount += 1
         }
+        // QEMU enters a sleeping job at once, so it is paused before the
+        // command returns; wait (briefly) for the body's pause point too.
+        await settle(job) { $0 == .paused || $0 == .standby }
     }
 
-    public func resume(_ job: Job) throws(BlockError) {
+    /// Waits until the job's status satisfies `done` (or it ends), at most
+    /// about a second: a body reaches its next pause point within one
+    /// request.
+    private func settle(_ job: Job, _ done: (JobStatus) -> Bool) async {
+        for _ in 0..<1000 {
+            let s = job.status
+            if done(s) || s == .concluded || s == .null || s == .aborting || s == .waiting || s == .pending { return }
+            try? await Task.sleep(nanoseconds: 1_000_000)
+        }
+    }
+
+    public func resume(_ job: Job) async throws(BlockError) {
         let ok = job.shared.withLock { $0.userPaused && $0.pauseCount > 0 }
         if !ok { throw BlockError.invalid("Can't resume a job that was not paused") }
         try apply(.resume, job)
         job.shared.withLock {
             $0.userPaused = false
             $0.pauseCount -= 1
+            // QEMU's block_job_user_resume: the error that stopped it is over.
+            $0.ioStatus = "ok"
         }
+        let wasPaused = job.status == .paused || job.status == .standby
         job.wakeIfNeeded()
+        if wasPaused {
+            await settle(job) { $0 != .paused && $0 != .standby }
+        }
+    }
+
+    /// A body met an I/O error (QEMU's block_job_error_action after the
+    /// action was chosen): BLOCK_JOB_ERROR unless cancelled; `stop` pauses
+    /// the job like block-job-pause and records the I/O status.
+    func reportError(_ job: Job, operation: String, action: BlockErrorAction, errno code: Int32) {
+        if !job.isCancelled {
+            emit(.ioError(job, operation: operation, action: action))
+        }
+        if action == .stop {
+            job.shared.withLock {
+                if !$0.userPaused {
+                    $0.userPaused = true
+                    $0.pauseCount += 1
+                }
+                $0.ioStatus = code == ENOSPC ? "nospace" : "failed"
+            }
+        }
     }
 
     public func complete(_ job: Job) throws(BlockError) {
@@ -168,8 +216,9 @@ public final class JobManager: Sendable {
         try job.driver.complete(job)
     }
 
-    public func setSpeed(_ job: Job, _ speed: UInt64) throws(BlockError) {
+    public func setSpeed(_ job: Job, _ speed: UInt64, negative: Bool = false) throws(BlockError) {
         try apply(.setSpeed, job)
+        if negative { throw BlockError.invalid("Invalid parameter 'speed'") }
         job.setSpeedValue(speed)
     }
 
@@ -177,11 +226,17 @@ public final class JobManager: Sendable {
     public func cancel(_ job: Job, force: Bool = false) async throws(BlockError) {
         try apply(.cancel, job)
         let started = job.shared.withLock { $0.started }
+        let forced = job.driver.cancelIsForced(job, force: force)
         job.shared.withLock {
             $0.cancelled = true
-            if force { $0.force = true }
+            if forced { $0.force = true }
+            // QEMU's job_cancel_async: a user pause ends with the cancel.
+            if $0.userPaused {
+                $0.userPaused = false
+                $0.pauseCount -= 1
+            }
         }
-        if !started || job.status == .pending {
+        if !started || (job.status == .pending && forced) {
             // Never ran, or finished but not finalized: abort at once.
             job.setError(errnoString(ECANCELED))
             await abortAndConclude(job)
@@ -193,4 +248,18 @@ public final class JobManager: Sendable {
 
 extension Unicode.Scalar {
     var isASCIILetter: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) }
+}
+
+extension JobManager {
+    /// On quit (QEMU's job_cancel_sync_all): every job is cancelled and
+    /// waited for, so that no body touches a node being closed.
+    public func cancelAllAndWait() async {
+        for j in jobs where j.status != .concluded && j.status != .null {
+            try? await cancel(j, force: true)
+        }
+        for _ in 0..<3000 {
+            if jobs.allSatisfy({ $0.status == .concluded || $0.status == .null || $0.status == .undefined }) { return }
+            try? await Task.sleep(nanoseconds: 10_000_000)
+        }
+    }
 }

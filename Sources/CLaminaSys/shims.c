@@ -157,3 +157,5 @@ void lamina_keep_large_buffers_in_heap(int max_buffer) {
     mallopt(M_MMAP_THRESHOLD, max_buffer);
     mallopt(M_TRIM_THRESHOLD, 8 * max_buffer);
 }
+
+int lamina_dup3_cloexec(int oldfd, int newfd) { return dup3(oldfd, newfd, O_CLOEXEC); }

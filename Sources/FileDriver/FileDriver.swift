@@ -87,6 +87,16 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
 
     public func allocatedBytes() throws(BlockError) -> Int64 { try host.allocatedSize() }
 
+    /// Reopen read-write: a writable descriptor, with the image locks held
+    /// before taken again on it.
+    public func reopenForWriting() async throws(BlockError) {
+        guard host.readOnly else { return }
+        try host.reopen(readOnly: false)
+        try lockState.withLock { (cur: inout ImageLock?) throws(BlockError) in
+            if let l = cur { try l.apply(to: host) }
+        }
+    }
+
     /// The lock held now (nil: locking is off for this file).
     public var currentLock: ImageLock? { lockState.withLock { $0 } }
 

@@ -51,10 +51,10 @@ extension Qcow2Image {
     }
 
     func checkLocked(_ res: inout Qcow2CheckResult, repair: Qcow2RepairMode) async throws(BlockError) {
-        if !repair.isEmpty && options.readOnly {
+        if !repair.isEmpty && isReadOnly {
             throw BlockError(.permissionDenied, errno: 1, "Cannot repair a read-only image")
         }
-        if !options.readOnly { try await writebackL2Locked() }
+        if !isReadOnly { try await writebackL2Locked() }
         if !repair.isEmpty {
             // Leftover reservations are not references; give them back first.
             try await releaseReserveLocked()

@@ -142,15 +142,20 @@ extension Qcow2Image {
 
     func write(at offset: Int64, payload: WritePayload, flags: WriteFlags) async throws(BlockError) {
         var done = 0
+        let cor = flags.contains(.copyOnRead)
         while done < payload.count {
-            done += try await writeStep(offset + Int64(done), payload.slice(done, payload.count - done))
+            done += try await writeStep(offset + Int64(done), payload.slice(done, payload.count - done), copyOnRead: cor)
         }
         if flags.contains(.fua) { try await flush() }
     }
 
     /// Writes a prefix of `data` at guest offset `guest` (one run of
     /// clusters of one class) and returns how many bytes it wrote.
-    func writeStep(_ guest: Int64, _ data: WritePayload) async throws(BlockError) -> Int {
+    ///
+    /// `copyOnRead`: clusters allocated in this layer (data or zero, or
+    /// being allocated by a write in flight, which is waited for) are
+    /// skipped, not written; only unallocated ones are allocated and filled.
+    func writeStep(_ guest: Int64, _ data: WritePayload, copyOnRead: Bool = false) async throws(BlockError) -> Int {
         let cs = Int64(geo.clusterSize)
         let tableSpan = cs * Int64(geo.l2Entries)
         let limit = min(Int64(data.count), (guest / tableSpan + 1) * tableSpan - guest)
@@ -177,6 +182,21 @@ extension Qcow2Image {
         } catch {
             lock.unlock()
             throw error
+        }
+        if copyOnRead {
+            func allocatedHere(_ i: Int) -> Bool {
+                table.l2Entry(i, geo) != 0 || (geo.extendedL2 && table.l2Bitmap(i, geo) != 0)
+            }
+            let skip = allocatedHere(idx0)
+            var n: Int64 = 1
+            while firstCluster + n <= lastCluster && allocatedHere(idx0 + Int(n)) == skip { n += 1 }
+            if skip {
+                lock.unlock()
+                return Int(min(limit, (firstCluster + n) * cs - guest))
+            }
+            let runLimit = min(limit, (firstCluster + n) * cs - guest)
+            return try await allocateAndWriteLocked(guest: guest, limit: runLimit, firstCluster: firstCluster, count: n,
+                                                    l2Off: l2Off, idx0: idx0, data: data)
         }
         switch cls {
         case .inPlace(let host0):

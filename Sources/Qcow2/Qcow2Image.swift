@@ -91,6 +91,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
 
     // MARK: Lock-free state
     private let sizeBox: Atomic<Int64>
+    private let writableBox: Atomic<Bool>
     private let backingBox = Mutex<BlockNode?>(nil)
 
     public var formatName: String { "qcow2" }
@@ -125,6 +126,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         self.l1 = l1
         self.refTable = refTable
         self.sizeBox = Atomic(Int64(header.size))
+        self.writableBox = Atomic(!options.readOnly)
         let cs = 1 << Int(header.clusterBits)
         // Default L2 cache: whole image mapped, at most 32 MiB (QEMU's rule on Linux).
         let entriesPerTable = Int64(cs / (header.extendedL2 ? 16 : 8))
@@ -284,6 +286,41 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Whether the image accepts writes now (opened read-write, or
+    /// reopened so; a reopen read-only clears it).
+    var isReadOnly: Bool { !writableBox.load(ordering: .acquiring) }
+
+    /// Reopen read-write (QEMU's qcow2_reopen_prepare to read-write): the
+    /// file below becomes writable, then what a read-write open does.
+    public func reopenForWriting() async throws(BlockError) {
+        if !isReadOnly { return }
+        try await file.reopenReadWrite()
+        let corrupt = await lock.withLock { header.isCorrupt }
+        if corrupt {
+            throw BlockError(.permissionDenied, errno: 13, "qcow2: Image is corrupt; cannot be opened read/write")
+        }
+        try await openForWriting()
+        settledReadOnly.store(false, ordering: .releasing)
+        writableBox.store(true, ordering: .releasing)
+    }
+
+    /// QEMU's bdrv_change_backing_file: rewrites the backing file name and
+    /// format in the header (nil: no backing file), durably.
+    public func changeBackingFile(_ name: String?, format: String?) async throws(BlockError) {
+        try await lock.withLock { () async throws(BlockError) in
+            let old = header
+            header.backingFile = name
+            header.backingFormat = name == nil ? nil : format
+            do throws(BlockError) {
+                try await writeHeaderLocked()
+                try await file.flush()
+            } catch {
+                header = old
+                throw error
+            }
+        }
+    }
+
     public var backingFileName: String? { header.backingFile }
     public var backingFormat: String? { header.backingFormat }
 
@@ -326,7 +363,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     func corruption(_ message: String) async -> BlockError {
         if !corruptionSignalled {
             corruptionSignalled = true
-            if !options.readOnly && !header.isCorrupt && header.version >= 3 {
+            if !isReadOnly && !header.isCorrupt && header.version >= 3 {
                 header.incompatibleFeatures |= Qcow2.incompatCorrupt
                 try? await writeIncompatibleFeaturesLocked()
                 try? await file.flush()
@@ -378,7 +415,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     // MARK: - Flush / close
 
     public func flush() async throws(BlockError) {
-        if options.readOnly { return }
+        if isReadOnly { return }
         try await lock.withLock { () async throws(BlockError) in
             try await writebackL2Locked()
         }
@@ -395,13 +432,14 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// the cluster reserve and the dirty bit are settled now, as a clean
     /// close would; afterwards the image is not written again.
     public func settleForReadOnly() async throws(BlockError) {
-        if options.readOnly || settledReadOnly.load(ordering: .acquiring) { return }
+        if isReadOnly || settledReadOnly.load(ordering: .acquiring) { return }
         await ioGate.waitIdle()
         await lock.lock()
         defer { lock.unlock() }
         if closed { return }
         try await settleLocked()
         settledReadOnly.store(true, ordering: .releasing)
+        writableBox.store(false, ordering: .releasing)
     }
 
     /// What a clean close writes: cached L2 tables, the unused reserve
@@ -421,7 +459,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
 
     public func close() async throws(BlockError) {
         var firstError: BlockError?
-        if !options.readOnly && !settledReadOnly.load(ordering: .acquiring) {
+        if !isReadOnly && !settledReadOnly.load(ordering: .acquiring) {
             await ioGate.waitIdle()
             await lock.lock()
             do throws(BlockError) {

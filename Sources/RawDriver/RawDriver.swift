@@ -40,6 +40,8 @@ public final class RawDriver: BlockDriver, Sendable {
         self.size = size
     }
 
+    public func reopenForWriting() async throws(BlockError) { try await file.reopenReadWrite() }
+
     public var formatName: String { "raw" }
     /// QEMU counts in 512-byte sectors: a raw image's size rounds up.
     public var length: Int64 {

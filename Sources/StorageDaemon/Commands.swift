@@ -79,11 +79,11 @@ enum Commands {
         }),
         ("job-dismiss", jobVerb { d, j throws(BlockError) in try d.jobs.dismiss(j) }),
         ("job-finalize", jobVerb { d, j throws(BlockError) in try await d.jobs.finalize(j) }),
-        ("job-pause", jobVerb { d, j throws(BlockError) in try d.jobs.pause(j) }),
-        ("job-resume", jobVerb { d, j throws(BlockError) in try d.jobs.resume(j) }),
+        ("job-pause", jobVerb { d, j throws(BlockError) in try await d.jobs.pause(j) }),
+        ("job-resume", jobVerb { d, j throws(BlockError) in try await d.jobs.resume(j) }),
         ("job-complete", jobVerb { d, j throws(BlockError) in try d.jobs.complete(j) }),
         ("job-cancel", jobVerb { d, j throws(BlockError) in try await d.jobs.cancel(j) }),
-    ] + ExportCommands.table
+    ] + ExportCommands.table + BlockJobCommands.table
 
     static var names: [String] { table.map(\.0) }
 

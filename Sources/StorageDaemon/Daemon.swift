@@ -24,6 +24,10 @@ public final class Daemon {
     /// Called once by `quit` after the reply went out.
     public var onQuit: @Sendable () -> Void = {}
     private var quitting = false
+    /// Nodes a block job works on, with the job's type (op blockers).
+    var busyNodes: [ObjectIdentifier: JobType] = [:]
+    /// Threads that run block-job bodies (their I/O is synchronous).
+    let jobThreads = IOThreadPool(count: 2, name: "block-job")
 
     public init(loops: DaemonLoops) {
         self.loops = loops
@@ -49,10 +53,9 @@ public final class Daemon {
         switch e {
         case .statusChange(let job, let status):
             emit("JOB_STATUS_CHANGE", .object([("id", .string(job.id)), ("status", .string(status.rawValue))]))
-        case .pending, .ready, .completed, .cancelled:
-            // Block-job events (BLOCK_JOB_*) belong to block jobs; the
-            // create job has none.
-            break
+        case .pending, .ready, .completed, .cancelled, .ioError:
+            // BLOCK_JOB_* events, for block jobs only.
+            blockJobEvent(e)
         }
     }
 
@@ -92,7 +95,7 @@ public final class Daemon {
         if let f = failure { throw f }
     }
 
-    private func jobsUsing(_ node: BlockNode) -> Bool { false }
+    private func jobsUsing(_ node: BlockNode) -> Bool { busyNodes[ObjectIdentifier(node)] != nil }
 
     // MARK: - Jobs
 
@@ -135,6 +138,7 @@ public final class Daemon {
     public func shutdown() async {
         if quitting { return }
         quitting = true
+        await jobs.cancelAllAndWait()
         exports.removeAll()
         await nbd.stop()
         for rec in graph.all where rec.monitorOwned {
@@ -143,6 +147,7 @@ public final class Daemon {
         }
         // Top layers nobody added by name (a snapshot's overlay) close too,
         // and with them the chains they hold.
+        graph.sweepClosed()
         for rec in graph.all where !rec.node.isClosed && graph.nodeParents(of: rec.node).isEmpty {
             try? await rec.node.close()
         }
@@ -152,6 +157,7 @@ public final class Daemon {
         }
         graph.sweepClosed()
         exports.readPool.shutdown()
+        jobThreads.shutdown()
     }
 }
 

@@ -34,6 +34,9 @@ public final class DaemonDispatcher: QMPDispatcher, Sendable {
             let result = try await handler(daemon, input)
             if command == "quit" {
                 let d = daemon
+                // qemu-storage-daemon deletes its exports (BLOCK_EXPORT_DELETED)
+                // before quit's answer goes out.
+                d.exports.removeAll()
                 return .success(result, afterSend: { Task { @ControlActor in await d.quit() } })
             }
             return .success(result)

@@ -19,9 +19,11 @@ final class NodeExportBackend: NBDBackend, Sendable {
     private struct Gate {
         var node: BlockNode
         var inFlight = 0
-        var paused = false
+        /// Drained sections open (they nest); requests wait while > 0.
+        var pauseCount = 0
+        var paused: Bool { pauseCount > 0 }
         var waitingToEnter: [CheckedContinuation<Void, Never>] = []
-        var drained: CheckedContinuation<Void, Never>?
+        var drained: [CheckedContinuation<Void, Never>] = []
     }
     private let gate: Mutex<Gate>
 
@@ -65,41 +67,52 @@ final class NodeExportBackend: NBDBackend, Sendable {
             }
         }
         defer {
-            let done = gate.withLock { g -> CheckedContinuation<Void, Never>? in
+            let done = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
                 g.inFlight -= 1
-                if g.inFlight == 0, let d = g.drained {
-                    g.drained = nil
-                    return d
+                if g.inFlight == 0 && !g.drained.isEmpty {
+                    defer { g.drained = [] }
+                    return g.drained
                 }
-                return nil
+                return []
             }
-            done?.resume()
+            done.forEach { $0.resume() }
         }
         return try await body(entered!)
     }
 
-    /// Moves the export to `newNode` (QEMU's bdrv_replace_node under a
-    /// drained section): new requests wait, requests in flight finish on
-    /// the old node, `switching` runs with nothing in flight, then
-    /// requests go on against the new node.
-    func retarget(to newNode: BlockNode, switching: @Sendable () -> Void = {}) async {
+    /// Opens a drained section (QEMU's bdrv_drained_begin for this
+    /// export's requests): new requests wait, and this returns once the
+    /// requests in flight have finished. Sections nest.
+    func pause() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = gate.withLock { g -> Bool in
-                g.paused = true
+                g.pauseCount += 1
                 if g.inFlight == 0 { return true }
-                g.drained = c
+                g.drained.append(c)
                 return false
             }
             if now { c.resume() }
         }
-        switching()
+    }
+
+    /// Closes a drained section; with `newNode`, requests go there from now
+    /// on (QEMU's bdrv_replace_node for the export's BlockBackend).
+    func resume(to newNode: BlockNode? = nil) {
         let waiters = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
-            g.node = newNode
-            g.paused = false
+            if let n = newNode { g.node = n }
+            g.pauseCount -= 1
+            if g.paused { return [] }
             defer { g.waitingToEnter = [] }
             return g.waitingToEnter
         }
         waiters.forEach { $0.resume() }
+    }
+
+    /// Moves the export to `newNode` in a drained section: requests in
+    /// flight finish on the old node, later ones go to the new node.
+    func retarget(to newNode: BlockNode) async {
+        await pause()
+        resume(to: newNode)
     }
 
     /// Reads are thread-safe in every driver (they may run on any I/O

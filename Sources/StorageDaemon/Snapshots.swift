@@ -215,7 +215,10 @@ extension Daemon {
     /// request is in flight across the switch).
     private func commitSnapshot(_ p: PreparedSnapshot) async {
         guard let img = p.overlay.driver as? Qcow2Image else { return }
-        p.old.node.retain()
+        // The backing edge holds a reference. A node the monitor owns keeps
+        // the monitor's; a top layer nobody named (an earlier snapshot's
+        // overlay) hands its top-level reference to the edge.
+        if p.old.monitorOwned { p.old.node.retain() }
         img.setBacking(p.old.node)
         // QEMU's names: an overlay blockdev-snapshot-sync opened follows its
         // header (plain filename); one added with "backing": null and then

@@ -43,6 +43,8 @@ int lamina_zstd_decompress(const void *src, size_t src_len, void *dst, size_t ds
 int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from);
 /// Names the calling thread (15 bytes are kept), as shown by ps/perf.
 void lamina_set_thread_name(const char *name);
+/// dup3(oldfd, newfd, O_CLOEXEC).
+int lamina_dup3_cloexec(int oldfd, int newfd);
 /// Serves malloc requests up to max_buffer bytes from the heap (not fresh
 /// mmaps whose pages are faulted in and zeroed on every use) and keeps
 /// freed memory for reuse.

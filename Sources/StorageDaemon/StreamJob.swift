@@ -1,0 +1,233 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockCore
+import BlockGraph
+import BlockIO
+import BlockJobs
+import Qcow2
+
+/// block-stream (QEMU's block/stream.c): copies into `top` whatever the
+/// layers between it and `base` hold and `top` does not, then makes `base`
+/// the backing file of `top`. Guest writes to `top` go on meanwhile: the
+/// copy only fills clusters still unallocated in `top`, atomically.
+final class StreamJobDriver: JobDriver {
+    let top: BlockNode
+    /// The new backing node (nil: flatten the whole chain).
+    let base: BlockNode?
+    let backingFile: String?
+    /// `top` was read-only and reopened read-write for the job.
+    let reopened: Bool
+    /// Nodes marked busy for the job's duration.
+    let busy: [BlockNode]
+    let daemon: Daemon
+
+    static let chunk: Int64 = 512 * 1024
+
+    init(top: BlockNode, base: BlockNode?, backingFile: String?, reopened: Bool, busy: [BlockNode], daemon: Daemon) {
+        self.top = top
+        self.base = base
+        self.backingFile = backingFile
+        self.reopened = reopened
+        self.busy = busy
+        self.daemon = daemon
+    }
+
+    var type: JobType { .stream }
+
+    func run(_ job: Job) async throws(BlockError) {
+        guard let below = top.backing, below !== base else { return }
+        let len = top.length
+        job.progressSetRemaining(UInt64(len))
+        let cs = Int64((top.driver as? Qcow2Image)?.clusterSize ?? 65536)
+        let buffer = AlignedBuffer(count: Int(Self.chunk + 2 * cs))
+        var offset: Int64 = 0
+        var delay: UInt64 = 0
+        var firstError: BlockError?
+        while offset < len {
+            await job.sleep(nanoseconds: delay)
+            if job.cancelRequested { break }
+            var n = min(Self.chunk, len - offset)
+            var copy = false
+            var failure: (BlockError, Bool)?
+            do throws(BlockError) {
+                let st = try await top.blockStatus(at: offset, length: n)
+                n = st.length
+                if !st.flags.contains(.allocated) {
+                    let (allocated, m) = try await below.isAllocatedAbove(base: base, at: offset, length: n)
+                    n = m > 0 ? m : len - offset
+                    copy = allocated
+                }
+            } catch {
+                failure = (error, true)
+            }
+            if copy, failure == nil {
+                // Whole clusters of `top`, read from its backing chain.
+                let start = alignDown(offset, cs)
+                let end = min(alignUp(offset + n, cs), len)
+                let view = buffer.slice(0, Int(end - start))
+                do throws(BlockError) {
+                    try await below.read(at: start, into: view)
+                } catch {
+                    failure = (error, true)
+                }
+                if failure == nil {
+                    do throws(BlockError) {
+                        try await top.write(at: start, from: UnsafeRawBufferPointer(view), flags: [.copyOnRead])
+                    } catch {
+                        failure = (error, false)
+                    }
+                }
+            }
+            if let (error, isRead) = failure {
+                let action = await job.errorAction(errno: error.errno != 0 ? error.errno : EIO, isRead: isRead)
+                if action == .stop {
+                    delay = 0
+                    continue
+                }
+                if firstError == nil { firstError = error }
+                if action == .report { break }
+            }
+            job.progressUpdate(UInt64(n))
+            offset += n
+            delay = copy ? job.rateLimitDelay(UInt64(n)) : 0
+        }
+        // An ignored error still keeps the backing file (QEMU's rule).
+        if let e = firstError { throw e }
+    }
+
+    @ControlActor func prepare(_ job: Job) async throws(BlockError) {
+        try await daemon.replaceBacking(of: top, with: base, backingFile: backingFile)
+    }
+
+    @ControlActor func clean(_ job: Job) async {
+        daemon.clearBusy(busy)
+        if reopened {
+            try? await top.reopenReadOnly()
+        }
+        try? daemon.graph.updateLocks()
+    }
+}
+
+extension Daemon {
+    /// block-stream: QEMU 7.2's checks in its order, then the job.
+    func blockStream(_ a: StreamArgs) async throws(BlockError) {
+        if a.base != nil && a.baseNode != nil {
+            throw BlockError.invalid("'base' and 'base-node' cannot be specified at the same time")
+        }
+        if a.base != nil && a.bottom != nil {
+            throw BlockError.invalid("'base' and 'bottom' cannot be specified at the same time")
+        }
+        if a.bottom != nil && a.baseNode != nil {
+            throw BlockError.invalid("'bottom' and 'base-node' cannot be specified at the same time")
+        }
+        guard let bs = graph.find(a.device)?.node else {
+            throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(a.device)' nor node-name='\(a.device)'")
+        }
+        var base: BlockNode?
+        if let name = a.base {
+            guard let b = findBackingImage(bs, name) else {
+                throw BlockError.invalid("Can't find '\(name)' in the backing chain")
+            }
+            base = b
+        }
+        if let name = a.baseNode {
+            let b = try lookupNodeName(name)
+            if b === bs || !Self.chainContains(bs, b) {
+                throw BlockError.invalid("Node '\(name)' is not a backing image of '\(a.device)'")
+            }
+            base = b
+        }
+        if let name = a.bottom {
+            let b = try lookupNodeName(name)
+            if !Self.chainContains(bs, b) {
+                throw BlockError.invalid("Node '\(name)' is not in a chain starting from '\(a.device)'")
+            }
+            base = b.backing
+        }
+        // Op blockers on the chain from the device down to the base.
+        var n: BlockNode? = bs
+        var chain: [BlockNode] = []
+        while let c = n, c !== base {
+            try checkNotBusy(c)
+            chain.append(c)
+            n = c.backing
+        }
+        if base == nil && a.backingFile != nil {
+            throw BlockError.invalid("backing file specified, but streaming the entire chain")
+        }
+        try Self.checkSpeed(a.speed)
+        try jobs.checkNewID(a.jobID ?? "")
+        if bs.backing != nil && !(bs.driver is Qcow2Image) {
+            throw BlockError.unsupported("Lamina streams into qcow2 images only, not '\(bs.formatName)'")
+        }
+        let reopened = bs.readOnly
+        if reopened {
+            try await bs.reopenReadWrite()
+            try? graph.updateLocks()
+        }
+        let driver = StreamJobDriver(top: bs, base: base, backingFile: a.backingFile, reopened: reopened,
+                                     busy: chain, daemon: self)
+        let job: Job
+        do throws(BlockError) {
+            job = try jobs.create(id: a.jobID ?? "", driver: driver, autoFinalize: a.autoFinalize,
+                                  autoDismiss: a.autoDismiss, executor: jobThreads[jobs.jobs.count],
+                                  block: BlockJobInfo(onError: a.onError), speed: UInt64(a.speed))
+        } catch {
+            if reopened { try? await bs.reopenReadOnly() }
+            throw error
+        }
+        markBusy(chain, .stream)
+        jobs.start(job)
+    }
+
+    /// The end of stream and intermediate commit (QEMU's
+    /// bdrv_set_backing_hd + bdrv_change_backing_file, then the dropped
+    /// layers released): `overlay`'s backing becomes `base`, in memory and
+    /// in its header, with every export drained across the switch.
+    func replaceBacking(of overlay: BlockNode, with base: BlockNode?, backingFile: String?) async throws(BlockError) {
+        guard let img = overlay.driver as? Qcow2Image else { return }
+        let old = overlay.backing
+        if old === base { return }
+        let name = base.map { backingFile ?? graph.displayFilename($0) }
+        // A read-only overlay (a layer below the active one) is reopened
+        // read-write for its header update, then read-only again.
+        let wasReadOnly = overlay.readOnly
+        if wasReadOnly { try await overlay.reopenReadWrite() }
+        do throws(BlockError) {
+            try await switchBacking(of: overlay, img: img, from: old, to: base, name: name)
+        } catch {
+            if wasReadOnly { try? await overlay.reopenReadOnly() }
+            throw error
+        }
+        if wasReadOnly { try? await overlay.reopenReadOnly() }
+        if let rec = graph.record(overlay), rec.jsonFilename != nil, let file = overlay.file {
+            rec.jsonFilename = base == nil ? nil : NodeOpener.jsonFilename(graph, overlay, file: file,
+                                                                             backing: graph.fullOptions(base!))
+        }
+        graph.sweepClosed()
+        try? graph.updateLocks()
+    }
+
+    private func switchBacking(of overlay: BlockNode, img: Qcow2Image, from old: BlockNode?, to base: BlockNode?,
+                               name: String?) async throws(BlockError) {
+        try await withExportsDrained { () async throws(BlockError) in
+            // The copied data is durable before the header stops pointing at it.
+            try await overlay.flush()
+            base?.retain()
+            img.setBacking(base)
+            do throws(BlockError) {
+                try await img.changeBackingFile(name, format: base?.formatName)
+            } catch {
+                img.setBacking(old)
+                try? await base?.close()
+                throw error
+            }
+            // The overlay's reference to the old chain goes; layers nobody
+            // else holds close, releasing their own backing in turn.
+            try? await old?.close()
+        }
+    }
+}
+
+extension Qcow2Image: BackingFileNamed {}
