@@ -144,6 +144,11 @@ extension Daemon {
                 co.size = old.node.length
                 co.backingFile = graph.displayFilename(old.node)
                 co.backingFormat = old.node.formatName
+                // QEMU's bdrv_img_create announces the new image on stdout.
+                print("Formatting '\(file)', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib "
+                      + "size=\(co.size) backing_file=\(co.backingFile ?? "") backing_fmt=\(co.backingFormat ?? "") "
+                      + "lazy_refcounts=off refcount_bits=16")
+                fflush(nil)
                 try await ImageCreator.createQcow2(path: file, options: co)
             }
             var members: [(String, JSON)] = [
