@@ -82,20 +82,17 @@ struct RateLimit {
 
     mutating func delay(speed: UInt64, bytes n: UInt64, now: UInt64) -> UInt64 {
         guard speed > 0 else { return 0 }
-        let quota = max(1, speed / (1_000_000_000 / Self.sliceNs))
+        let quota = max(1, Double(speed) * Double(Self.sliceNs) / 1e9)
         if sliceEnd < now {
+            // The last (possibly stretched) slice is over: start afresh.
             sliceStart = now
             sliceEnd = now + Self.sliceNs
             dispatched = 0
         }
-        if dispatched == 0 || dispatched + n <= quota {
-            dispatched += n
-            return 0
-        }
-        // Over quota: the next slices pay for it.
-        let slices = (dispatched + n) / quota
-        sliceEnd = sliceStart + slices * Self.sliceNs
         dispatched += n
+        if Double(dispatched) < quota { return 0 }
+        // Over quota: this slice lasts as long as its bytes are worth.
+        sliceEnd = sliceStart + UInt64(Double(dispatched) / quota * Double(Self.sliceNs))
         return sliceEnd > now ? sliceEnd - now : 0
     }
 }
