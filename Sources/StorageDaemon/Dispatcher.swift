@@ -1,4 +1,5 @@
 import BlockCore
+import BlockJobs
 import LaminaJSON
 import QMP
 
