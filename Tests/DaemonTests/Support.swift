@@ -50,12 +50,14 @@ final class DaemonProcess: @unchecked Sendable {
     let stderrPath: String
     private(set) var exitStatus: Int32?
 
-    /// Starts `impl` with a monitor on `dir/qmp-<impl>.sock` plus `args`.
-    init(_ impl: Impl, dir: String, args: [String] = [], monitor: Bool = true) throws {
+    /// Starts `impl` with a monitor on `dir/qmp-<impl>.sock` plus `args`;
+    /// `binary` replaces the executable `impl` names (the block-job tests
+    /// let a stand-in play Lamina).
+    init(_ impl: Impl, dir: String, args: [String] = [], monitor: Bool = true, binary: String? = nil) throws {
         self.impl = impl
         qmpPath = dir + "/qmp-\(impl).sock"
         stderrPath = dir + "/stderr-\(impl)-\(UInt32.random(in: 0...UInt32.max)).log"
-        var all = [impl.binary]
+        var all = [binary ?? impl.binary]
         if monitor {
             all += ["--chardev", "socket,id=m0,path=\(qmpPath),server=on,wait=off", "--monitor", "chardev=m0"]
         }
