@@ -128,9 +128,15 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// Reopen read-write (QEMU's bdrv_reopen_set_read_only(bs, false)):
     /// children first, then whatever the driver needs to write again.
     func reopenForWriting() async throws(BlockError)
+    /// Starts writeback of data written so far, without waiting (a hint
+    /// that a flush will follow). Default: pass it to the file child.
+    func startWriteback() async
 }
 
 public extension BlockDriver {
+    func startWriteback() async {
+        if let f = children.first(where: { $0.role == .file })?.node { await f.startWriteback() }
+    }
     func settleForReadOnly() async throws(BlockError) {}
     func reopenForWriting() async throws(BlockError) {
         throw BlockError(.notSupported, errno: 95, "Driver '\(formatName)' cannot be reopened read-write")

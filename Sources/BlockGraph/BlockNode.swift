@@ -190,6 +190,12 @@ public final class BlockNode: Sendable {
         try await driver.flush()
     }
 
+    /// Starts writeback without waiting (see `BlockDriver.startWriteback`).
+    public func startWriteback() async {
+        if readOnly { return }
+        await driver.startWriteback()
+    }
+
     public func truncate(to length: Int64, preallocation: Preallocation = .off) async throws(BlockError) {
         if readOnly { throw BlockError(.permissionDenied, errno: 1, "Block node is read-only") }
         try await driver.truncate(to: length, preallocation: preallocation)

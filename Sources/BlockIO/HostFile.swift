@@ -188,6 +188,10 @@ public final class HostFile: Sendable {
         try Sys.ftruncate(fd, length).get()
     }
 
+    /// Starts writing the file's dirty pages back (sync_file_range WRITE):
+    /// a later fdatasync then has less to wait for. Best effort.
+    public func startWriteback() { _ = lamina_start_writeback(fd) }
+
     public func dataSync() throws(BlockError) { try Sys.fdatasync(fd).get() }
     public func fullSync() throws(BlockError) { try Sys.fsync(fd).get() }
 

@@ -97,6 +97,15 @@ struct RateLimit {
     }
 }
 
+extension BlockError {
+    /// How a block job's failure reads in query-jobs and BLOCK_JOB_COMPLETED:
+    /// QEMU keeps only the errno of a stream/commit/mirror body (strerror).
+    public var asJobError: BlockError {
+        let code = errno != 0 ? errno : EIO
+        return BlockError(kind, errno: code, errnoString(code))
+    }
+}
+
 func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)

@@ -52,6 +52,12 @@ public final class JobManager: Sendable {
         if job(id) != nil { throw BlockError.invalid("Job ID '\(id)' already in use") }
     }
 
+    /// QEMU's job_early_fail: a job created but refused before it started
+    /// (created, then null).
+    public func discardNew(_ job: Job) {
+        doDismiss(job)
+    }
+
     /// The block jobs (query-block-jobs), newest first.
     public var blockJobs: [Job] { jobs.filter { $0.block != nil } }
 
@@ -90,13 +96,6 @@ public final class JobManager: Sendable {
             return
         }
         transition(job, to: .waiting)
-        do throws(BlockError) {
-            try await job.driver.prepare(job)
-        } catch {
-            job.setError(error.message)
-            await abortAndConclude(job)
-            return
-        }
         transition(job, to: .pending)
         // QEMU announces BLOCK_JOB_PENDING only when the user finalizes.
         if !job.autoFinalize { emit(.pending(job)) }
@@ -113,7 +112,16 @@ public final class JobManager: Sendable {
         conclude(job)
     }
 
+    /// QEMU 7.2's job_do_finalize: prepare (which may still fail the job),
+    /// then commit or abort, clean, the event, concluded.
     private func finalizeSingle(_ job: Job) async {
+        do throws(BlockError) {
+            try await job.driver.prepare(job)
+        } catch {
+            job.setError(error.message)
+            await abortAndConclude(job)
+            return
+        }
         await job.driver.commit(job)
         await job.driver.clean(job)
         emit(job.isCancelled ? .cancelled(job) : .completed(job))
@@ -218,7 +226,7 @@ public final class JobManager: Sendable {
 
     public func setSpeed(_ job: Job, _ speed: UInt64, negative: Bool = false) throws(BlockError) {
         try apply(.setSpeed, job)
-        if negative { throw BlockError.invalid("Invalid parameter 'speed'") }
+        if negative { throw BlockError.invalid("Parameter 'speed' expects a non-negative value") }
         job.setSpeedValue(speed)
     }
 

@@ -159,3 +159,6 @@ void lamina_keep_large_buffers_in_heap(int max_buffer) {
 }
 
 int lamina_dup3_cloexec(int oldfd, int newfd) { return dup3(oldfd, newfd, O_CLOEXEC); }
+
+/* Starts writeback of every dirty page of the file; does not wait. */
+int lamina_start_writeback(int fd) { return sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); }

@@ -87,6 +87,10 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
 
     public func allocatedBytes() throws(BlockError) -> Int64 { try host.allocatedSize() }
 
+    public func startWriteback() async {
+        if !noFlush { host.startWriteback() }
+    }
+
     /// Reopen read-write: a writable descriptor, with the image locks held
     /// before taken again on it.
     public func reopenForWriting() async throws(BlockError) {

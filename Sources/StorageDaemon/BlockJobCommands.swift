@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockGraph
+import BlockIO
 import BlockJobs
 import LaminaJSON
 import QMP
@@ -266,9 +267,19 @@ extension Daemon {
         return try await body()
     }
 
-    /// The speed argument of a new job (QEMU's block_job_set_speed check).
-    static func checkSpeed(_ speed: Int64) throws(BlockError) {
-        if speed < 0 { throw BlockError.invalid("Invalid parameter 'speed'") }
+    /// Creates and starts a block job (QEMU's block_job_create + job_start).
+    /// A negative speed fails after the job was created, as in QEMU
+    /// (JOB_STATUS_CHANGE created, then null).
+    func startBlockJob(id: String?, driver: any JobDriver, speed: Int64, onError: BlockdevOnError,
+                       autoFinalize: Bool, autoDismiss: Bool) throws(BlockError) -> Job {
+        let job = try jobs.create(id: id ?? "", driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
+                                  executor: jobThreads[jobs.jobs.count], block: BlockJobInfo(onError: onError),
+                                  speed: UInt64(max(0, speed)))
+        if speed < 0 {
+            jobs.discardNew(job)
+            throw BlockError.invalid("Parameter 'speed' expects a non-negative value")
+        }
+        return job
     }
 }
 

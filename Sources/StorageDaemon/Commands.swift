@@ -82,7 +82,8 @@ enum Commands {
         ("job-pause", jobVerb { d, j throws(BlockError) in try await d.jobs.pause(j) }),
         ("job-resume", jobVerb { d, j throws(BlockError) in try await d.jobs.resume(j) }),
         ("job-complete", jobVerb { d, j throws(BlockError) in try d.jobs.complete(j) }),
-        ("job-cancel", jobVerb { d, j throws(BlockError) in try await d.jobs.cancel(j) }),
+        // QEMU's job-cancel is a forced cancel (block-job-cancel has force=false).
+        ("job-cancel", jobVerb { d, j throws(BlockError) in try await d.jobs.cancel(j, force: true) }),
     ] + ExportCommands.table + BlockJobCommands.table
 
     static var names: [String] { table.map(\.0) }

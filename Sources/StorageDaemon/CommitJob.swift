@@ -41,6 +41,14 @@ final class CommitJobDriver: JobDriver {
     var type: JobType { .commit }
 
     func run(_ job: Job) async throws(BlockError) {
+        do throws(BlockError) {
+            try await body(job)
+        } catch {
+            throw error.asJobError
+        }
+    }
+
+    private func body(_ job: Job) async throws(BlockError) {
         let len = top.length
         job.progressSetRemaining(UInt64(len))
         if base.length < len {
@@ -96,7 +104,7 @@ final class CommitJobDriver: JobDriver {
     @ControlActor func clean(_ job: Job) async {
         daemon.clearBusy(busy)
         if reopened {
-            try? await base.reopenReadOnly()
+            await daemon.reopenReadOnlyWithFile(base)
         }
         try? daemon.graph.updateLocks()
     }
@@ -153,6 +161,14 @@ final class ActiveCommitJobDriver: JobDriver {
     }
 
     func run(_ job: Job) async throws(BlockError) {
+        do throws(BlockError) {
+            try await body(job)
+        } catch {
+            throw error.asJobError
+        }
+    }
+
+    private func body(_ job: Job) async throws(BlockError) {
         let len = top.length
         if base.length < len {
             try await base.truncate(to: len)
@@ -170,6 +186,7 @@ final class ActiveCommitJobDriver: JobDriver {
         var cursor: Int64 = 0
         var delay: UInt64 = 0
         var firstError: BlockError?
+        var sinceWriteback: Int64 = 0
         job.progressSetRemaining(UInt64(dirty.dirtyBytes))
         while true {
             await job.sleep(nanoseconds: delay)
@@ -177,8 +194,16 @@ final class ActiveCommitJobDriver: JobDriver {
             if job.cancelRequested { break }
             guard let (start, length) = dirty.nextDirtyRun(from: cursor, maxLength: Self.chunk)
                 ?? dirty.nextDirtyRun(from: 0, maxLength: Self.chunk) else {
-                // In sync.
+                // In sync. As QEMU's mirror, the base is flushed before READY:
+                // what READY promises survives a crash.
                 if !job.isReady {
+                    do throws(BlockError) {
+                        try await base.flush()
+                    } catch {
+                        let action = await job.errorAction(errno: error.errno != 0 ? error.errno : EIO, isRead: false)
+                        if action == .stop { continue }
+                        if action == .report { throw error }
+                    }
                     await MainActorless.ready(job)
                 }
                 if shouldComplete.load(ordering: .acquiring) { break }
@@ -198,6 +223,13 @@ final class ActiveCommitJobDriver: JobDriver {
             cursor = start + length
             job.progressUpdate(UInt64(length))
             job.progressSetRemaining(UInt64(dirty.dirtyBytes))
+            // Keep the base's writeback going, so the flush before READY
+            // (and at completion) finds little left to write.
+            sinceWriteback += length
+            if sinceWriteback >= 32 << 20 {
+                sinceWriteback = 0
+                await base.startWriteback()
+            }
             delay = job.rateLimitDelay(UInt64(length))
         }
         if let e = firstError { throw e }
@@ -221,10 +253,7 @@ final class ActiveCommitJobDriver: JobDriver {
     @ControlActor func clean(_ job: Job) async {
         top.removeDirtyBitmap(dirty)
         daemon.clearBusy(busy)
-        let pivoted = daemon.exports.exports.contains { $0.node === base }
-        if reopened && !pivoted {
-            try? await base.reopenReadOnly()
-        }
+        // QEMU's mirror leaves the base read-write, pivoted or not.
         try? daemon.graph.updateLocks()
     }
 }
@@ -242,7 +271,7 @@ extension Daemon {
             throw QMPError(.deviceNotFound, "Device '\(a.device)' not found")
         }
         try await Commands.qmp { () async throws(BlockError) in
-            if !graph.nodeParents(of: bs).isEmpty {
+            if !graph.nodeParents(of: bs).isEmpty || streamFiltered.contains(ObjectIdentifier(bs)) {
                 throw BlockError.invalid("Need a root block node")
             }
             try checkNotBusy(bs)
@@ -292,7 +321,6 @@ extension Daemon {
             if top === base {
                 throw BlockError.invalid("cannot commit an image into itself")
             }
-            try Self.checkSpeed(a.speed)
             let active = top === bs || !exports.exportsUsing(top).filter(\.writable).isEmpty
             if active && a.backingFile != nil {
                 throw BlockError.invalid(top === bs ? "'backing-file' specified, but 'top' is the active layer"
@@ -325,12 +353,11 @@ extension Daemon {
             }
             let job: Job
             do throws(BlockError) {
-                job = try jobs.create(id: a.jobID ?? "", driver: driver, autoFinalize: a.autoFinalize,
-                                      autoDismiss: a.autoDismiss, executor: jobThreads[jobs.jobs.count],
-                                      block: BlockJobInfo(onError: a.onError), speed: UInt64(a.speed))
+                job = try startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
+                                        autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
             } catch {
                 if let ac = driver as? ActiveCommitJobDriver { top.removeDirtyBitmap(ac.dirty) }
-                if reopened { try? await base.reopenReadOnly() }
+                if reopened { await reopenReadOnlyWithFile(base) }
                 throw error
             }
             markBusy(busy, .commit)

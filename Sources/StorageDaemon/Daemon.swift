@@ -26,6 +26,9 @@ public final class Daemon {
     private var quitting = false
     /// Nodes a block job works on, with the job's type (op blockers).
     var busyNodes: [ObjectIdentifier: JobType] = [:]
+    /// Nodes a stream job runs on: QEMU puts its copy-on-read filter node
+    /// above them, so they are no longer root nodes for block-commit.
+    var streamFiltered: Set<ObjectIdentifier> = []
     /// Threads that run block-job bodies (their I/O is synchronous).
     let jobThreads = IOThreadPool(count: 2, name: "block-job")
 
@@ -73,6 +76,10 @@ public final class Daemon {
         // link sets on its child, monitor ownership, other references.
         if !exports.exportsUsing(rec.node).isEmpty {
             throw BlockError(.busy, errno: EBUSY, "Node \(name) is in use")
+        }
+        // The newest op blocker speaks first: a job's, then the backing link's.
+        if let type = busyNodes[ObjectIdentifier(rec.node)] {
+            throw BlockError(.busy, errno: EBUSY, "Node '\(name)' is busy: block device is in use by block job: \(type.rawValue)")
         }
         if let parent = graph.all.first(where: { $0.node.backing === rec.node }) {
             throw BlockError(.busy, errno: EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.name)'")

@@ -213,7 +213,12 @@ struct NodeOpener {
                     throw error.prefixed("Could not open backing file: ")
                 }
                 img.setBacking(b)
-                graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: graph.fullOptions(b))
+                // QEMU's bdrv_backing_overridden: a backing node other than
+                // the file the header names (compared as strings) shows up
+                // in a json: filename.
+                if img.backingFileName != b.filename {
+                    graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: graph.fullOptions(b))
+                }
             case .none:
                 if let name = img.backingFileName, !name.isEmpty {
                     try await openDefaultBacking(img, node, name, eff)

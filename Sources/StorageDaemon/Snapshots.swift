@@ -239,10 +239,6 @@ extension Daemon {
         }
         // QEMU's external_snapshot_commit: the old layer becomes read-only,
         // with the file below it when nothing else writes there.
-        try? await p.old.node.reopenReadOnly()
-        if let f = p.old.node.file, f !== p.old.node,
-           !graph.edges(into: f).contains(where: { $0.perm.contains(.write) }) {
-            try? await f.reopenReadOnly()
-        }
+        await reopenReadOnlyWithFile(p.old.node)
     }
 }

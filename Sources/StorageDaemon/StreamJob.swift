@@ -5,6 +5,7 @@ import BlockCore
 import BlockGraph
 import BlockIO
 import BlockJobs
+import FileDriver
 import Qcow2
 
 /// block-stream (QEMU's block/stream.c): copies into `top` whatever the
@@ -36,6 +37,14 @@ final class StreamJobDriver: JobDriver {
     var type: JobType { .stream }
 
     func run(_ job: Job) async throws(BlockError) {
+        do throws(BlockError) {
+            try await body(job)
+        } catch {
+            throw error.asJobError
+        }
+    }
+
+    private func body(_ job: Job) async throws(BlockError) {
         guard let below = top.backing, below !== base else { return }
         let len = top.length
         job.progressSetRemaining(UInt64(len))
@@ -102,8 +111,9 @@ final class StreamJobDriver: JobDriver {
 
     @ControlActor func clean(_ job: Job) async {
         daemon.clearBusy(busy)
+        daemon.streamFiltered.remove(ObjectIdentifier(top))
         if reopened {
-            try? await top.reopenReadOnly()
+            await daemon.reopenReadOnlyWithFile(top)
         }
         try? daemon.graph.updateLocks()
     }
@@ -156,7 +166,6 @@ extension Daemon {
         if base == nil && a.backingFile != nil {
             throw BlockError.invalid("backing file specified, but streaming the entire chain")
         }
-        try Self.checkSpeed(a.speed)
         try jobs.checkNewID(a.jobID ?? "")
         if bs.backing != nil && !(bs.driver is Qcow2Image) {
             throw BlockError.unsupported("Lamina streams into qcow2 images only, not '\(bs.formatName)'")
@@ -170,14 +179,14 @@ extension Daemon {
                                      busy: chain, daemon: self)
         let job: Job
         do throws(BlockError) {
-            job = try jobs.create(id: a.jobID ?? "", driver: driver, autoFinalize: a.autoFinalize,
-                                  autoDismiss: a.autoDismiss, executor: jobThreads[jobs.jobs.count],
-                                  block: BlockJobInfo(onError: a.onError), speed: UInt64(a.speed))
+            job = try startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
+                                    autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
         } catch {
-            if reopened { try? await bs.reopenReadOnly() }
+            if reopened { await reopenReadOnlyWithFile(bs) }
             throw error
         }
         markBusy(chain, .stream)
+        streamFiltered.insert(ObjectIdentifier(bs))
         jobs.start(job)
     }
 
@@ -197,10 +206,10 @@ extension Daemon {
         do throws(BlockError) {
             try await switchBacking(of: overlay, img: img, from: old, to: base, name: name)
         } catch {
-            if wasReadOnly { try? await overlay.reopenReadOnly() }
+            if wasReadOnly { await reopenReadOnlyWithFile(overlay) }
             throw error
         }
-        if wasReadOnly { try? await overlay.reopenReadOnly() }
+        if wasReadOnly { await reopenReadOnlyWithFile(overlay) }
         if let rec = graph.record(overlay), rec.jsonFilename != nil, let file = overlay.file {
             rec.jsonFilename = base == nil ? nil : NodeOpener.jsonFilename(graph, overlay, file: file,
                                                                              backing: graph.fullOptions(base!))
@@ -226,6 +235,18 @@ extension Daemon {
             // The overlay's reference to the old chain goes; layers nobody
             // else holds close, releasing their own backing in turn.
             try? await old?.close()
+        }
+    }
+}
+
+extension Daemon {
+    /// QEMU's bdrv_reopen_set_read_only(bs, true): the node and, when
+    /// nothing else writes there, the file node below it.
+    func reopenReadOnlyWithFile(_ node: BlockNode) async {
+        try? await node.reopenReadOnly()
+        if let f = node.file, f !== node,
+           !graph.edges(into: f).contains(where: { $0.perm.contains(.write) }) {
+            try? await f.reopenReadOnly()
         }
     }
 }

@@ -45,6 +45,8 @@ int lamina_spawn_closefrom(posix_spawn_file_actions_t *fa, int from);
 void lamina_set_thread_name(const char *name);
 /// dup3(oldfd, newfd, O_CLOEXEC).
 int lamina_dup3_cloexec(int oldfd, int newfd);
+/// sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writeback, no wait.
+int lamina_start_writeback(int fd);
 /// Serves malloc requests up to max_buffer bytes from the heap (not fresh
 /// mmaps whose pages are faulted in and zeroed on every use) and keeps
 /// freed memory for reuse.
