@@ -359,11 +359,21 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         markedDirty = true
     }
 
+    /// Told about every corruption an image signals (QEMU's
+    /// BLOCK_IMAGE_CORRUPTED): the image, the message, and whether it was
+    /// fatal (the image got marked corrupt). Set by the storage daemon.
+    public static let corruptionReporter = Mutex<(@Sendable (Qcow2Image, String, Bool) -> Void)?>(nil)
+
     /// "Signal corruption": mark the image corrupt (if writable) and fail.
     func corruption(_ message: String) async -> BlockError {
         if !corruptionSignalled {
             corruptionSignalled = true
-            if !isReadOnly && !header.isCorrupt && header.version >= 3 {
+            let fatal = !isReadOnly && !header.isCorrupt && header.version >= 3
+            defer {
+                let report = Self.corruptionReporter.withLock { $0 }
+                report?(self, message, fatal)
+            }
+            if fatal {
                 header.incompatibleFeatures |= Qcow2.incompatCorrupt
                 try? await writeIncompatibleFeaturesLocked()
                 try? await file.flush()

@@ -7,7 +7,9 @@ import BlockIO
 import BlockJobs
 import LaminaJSON
 import NBDServer
+import Qcow2
 import ServerKit
+import Synchronization
 
 /// The composition root (QEMU's storage daemon main): the loops, the
 /// block graph, the exports, the NBD server, the jobs and the event sink.
@@ -42,10 +44,22 @@ public final class Daemon {
             onDeleted: { [weak self] id in
                 self?.emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
             })
+        Qcow2Image.corruptionReporter.withLock {
+            $0 = { [weak self] img, message, fatal in
+                Task { @ControlActor in self?.imageCorrupted(img, message, fatal) }
+            }
+        }
         let registry = exports!
         nbd.onExportClosed = { name in
             Task { @ControlActor in registry.exportClosed(nbdName: name) }
         }
+    }
+
+    /// BLOCK_IMAGE_CORRUPTED (no device names in a storage daemon).
+    func imageCorrupted(_ img: Qcow2Image, _ message: String, _ fatal: Bool) {
+        guard let rec = graph.all.first(where: { $0.node.driver as AnyObject === img }) else { return }
+        emit("BLOCK_IMAGE_CORRUPTED", .object([("device", .string("")), ("msg", .string(message)),
+                                               ("node-name", .string(rec.name)), ("fatal", .bool(fatal))]))
     }
 
     func emit(_ event: String, _ data: JSON?) {
