@@ -58,6 +58,7 @@ final class CommitJobDriver: JobDriver {
         var offset: Int64 = 0
         var delay: UInt64 = 0
         var firstError: BlockError?
+        var sinceWriteback: Int64 = 0
         while offset < len {
             await job.sleep(nanoseconds: delay)
             if job.cancelRequested { break }
@@ -92,11 +93,22 @@ final class CommitJobDriver: JobDriver {
             job.progressUpdate(UInt64(n))
             offset += n
             delay = copy ? job.rateLimitDelay(UInt64(n)) : 0
+            if copy {
+                // Keep the base's writeback going: the flush before the
+                // backing switch then has little left to write.
+                sinceWriteback += n
+                if sinceWriteback >= 32 << 20 {
+                    sinceWriteback = 0
+                    await base.startWriteback()
+                }
+            }
         }
         if let e = firstError { throw e }
     }
 
     @ControlActor func prepare(_ job: Job) async throws(BlockError) {
+        // The committed data is durable before the overlay stops pointing
+        // at the layers that held it.
         try await base.flush()
         try await daemon.replaceBacking(of: overlay, with: base, backingFile: backingFile)
     }

@@ -30,6 +30,7 @@ final class NodeExportBackend: NBDBackend, Sendable {
     /// Threads that run reads (nil: reads run on `executor` too).
     private let readPool: IOThreadPool?
     private let nextReader = Atomic<Int>(0)
+    static let pooledReadMinimum = 64 * 1024
 
     init(node: BlockNode, executor: EventLoopExecutor, readPool: IOThreadPool? = nil, writable: Bool,
          allocationDepth: Bool) {
@@ -118,8 +119,10 @@ final class NodeExportBackend: NBDBackend, Sendable {
     /// Reads are thread-safe in every driver (they may run on any I/O
     /// thread), so a connection's reads are spread over the pool: the
     /// loop keeps sending replies while several preads are in flight.
+    /// Small reads stay on the loop: a thread hop would cost them more
+    /// latency (iodepth 1) than it gains.
     func readExecutor(offset: Int64, length: Int) -> any TaskExecutor {
-        guard let readPool else { return executor }
+        guard let readPool, length >= Self.pooledReadMinimum else { return executor }
         return readPool[nextReader.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max]
     }
 

@@ -53,6 +53,7 @@ final class StreamJobDriver: JobDriver {
         var offset: Int64 = 0
         var delay: UInt64 = 0
         var firstError: BlockError?
+        var sinceWriteback: Int64 = 0
         while offset < len {
             await job.sleep(nanoseconds: delay)
             if job.cancelRequested { break }
@@ -100,6 +101,13 @@ final class StreamJobDriver: JobDriver {
             job.progressUpdate(UInt64(n))
             offset += n
             delay = copy ? job.rateLimitDelay(UInt64(n)) : 0
+            if copy {
+                sinceWriteback += n
+                if sinceWriteback >= 32 << 20 {
+                    sinceWriteback = 0
+                    await top.startWriteback()
+                }
+            }
         }
         // An ignored error still keeps the backing file (QEMU's rule).
         if let e = firstError { throw e }
@@ -148,6 +156,9 @@ extension Daemon {
             }
             base = b
         }
+        // QEMU 7.2 checks backing-file against base/base-node only: with
+        // `bottom` it is refused as if the whole chain were streamed.
+        let namedBase = base
         if let name = a.bottom {
             let b = try lookupNodeName(name)
             if !Self.chainContains(bs, b) {
@@ -163,7 +174,7 @@ extension Daemon {
             chain.append(c)
             n = c.backing
         }
-        if base == nil && a.backingFile != nil {
+        if namedBase == nil && a.backingFile != nil {
             throw BlockError.invalid("backing file specified, but streaming the entire chain")
         }
         try jobs.checkNewID(a.jobID ?? "")
@@ -210,9 +221,14 @@ extension Daemon {
             throw error
         }
         if wasReadOnly { await reopenReadOnlyWithFile(overlay) }
-        if let rec = graph.record(overlay), rec.jsonFilename != nil, let file = overlay.file {
-            rec.jsonFilename = base == nil ? nil : NodeOpener.jsonFilename(graph, overlay, file: file,
-                                                                             backing: graph.fullOptions(base!))
+        // QEMU's bdrv_backing_overridden: the header now names `name`; a
+        // backing node whose file name differs shows in a json: filename.
+        if let rec = graph.record(overlay), let file = overlay.file {
+            if let base, let name, name != graph.displayFilename(base) {
+                rec.jsonFilename = NodeOpener.jsonFilename(graph, overlay, file: file, backing: graph.fullOptions(base))
+            } else {
+                rec.jsonFilename = nil
+            }
         }
         graph.sweepClosed()
         try? graph.updateLocks()

@@ -480,6 +480,13 @@ enum JobParity {
             try? r.quit()
             runs.append(r)
         }
+        // Progress reaches len: a job that completed without error ends
+        // with offset == len (both daemons).
+        for r in runs {
+            for e in r.events where e["event"] == "BLOCK_JOB_COMPLETED" && e["data"]?["error"] == nil {
+                #expect(e["data"]?["offset"] == e["data"]?["len"], "\(r.label): \(e.compact)")
+            }
+        }
         guard let q = runs.first, let l = runs.last else { return runs }
         if q.failed || l.failed {
             // Incomplete: the commands both got to, for the diagnosis.

@@ -228,6 +228,28 @@ struct BlockJobTests {
 
     // MARK: block-commit
 
+    @Test("block-stream bottom=node-C (B stays below), then block-commit B into A with backing-file: the string given is what the header gets")
+    func bottomAndBackingFile() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            // QEMU 7.2 refuses backing-file together with bottom.
+            r.bad("block-stream", ["device": "node-D", "bottom": "node-C", "job-id": "job0", "backing-file": "b.qcow2"])
+            var m = try r.startJob("block-stream", ["device": "node-D", "bottom": "node-C", "job-id": "job0"])
+            try r.waitStatus("job0", "null", from: m)
+            try r.nodesFact("nodes after the stream")
+            m = try r.startJob("block-commit", ["device": "node-D", "top-node": "node-B", "base-node": "node-A",
+                                                "job-id": "job1", "backing-file": "a.qcow2"])
+            try r.waitStatus("job1", "null", from: m)
+            r.cmd("query-block-jobs")
+            try r.nodesFact("nodes after the commit")
+            try r.quit()
+            try r.chainFact("d.qcow2", expect: ["d.qcow2", "a.qcow2"])
+            try r.checkImages()
+            try r.expectContent("d.qcow2", Self.everything, "A+B+C+D")
+            try r.expectContent("a.qcow2", D.a + D.b, "A+B")
+        }
+    }
+
     @Test("block-commit case 1 (seed walkthrough): top-node=node-B into base-node=node-A")
     func commitBIntoA() {
         JobParity.both { r in
