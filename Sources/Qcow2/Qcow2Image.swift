@@ -116,6 +116,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     }
 
     public var clusterSize: Int { geo.clusterSize }
+    public var extendedL2: Bool { geo.extendedL2 }
     public var version: Int { geo.version }
 
     private init(file: BlockNode, header: Qcow2Header, l1: [UInt64], refTable: [UInt64], options: Qcow2OpenOptions) {
@@ -305,7 +306,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     }
 
     /// QEMU's bdrv_change_backing_file: rewrites the backing file name and
-    /// format in the header (nil: no backing file), durably.
+    /// format in the header (nil: no backing file). Not flushed: until the
+    /// next flush a crash leaves the old name, whose chain the caller keeps
+    /// intact (it made the new backing's data durable first).
     public func changeBackingFile(_ name: String?, format: String?) async throws(BlockError) {
         try await lock.withLock { () async throws(BlockError) in
             let old = header
@@ -313,7 +316,6 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
             header.backingFormat = name == nil ? nil : format
             do throws(BlockError) {
                 try await writeHeaderLocked()
-                try await file.flush()
             } catch {
                 header = old
                 throw error

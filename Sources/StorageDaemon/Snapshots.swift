@@ -181,6 +181,7 @@ extension Daemon {
 
     /// The node being snapshotted: not blocked, flushed.
     private func checkSnapshotSource(_ old: NodeRecord) throws(BlockError) {
+        try checkNotBusy(old.node)
         if let parent = graph.all.first(where: { $0.node.backing === old.node }) {
             throw BlockError(.busy, errno: EBUSY,
                              "Node '\(old.name)' is busy: node is used as backing hd of '\(parent.name)'")

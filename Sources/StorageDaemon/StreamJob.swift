@@ -114,6 +114,9 @@ final class StreamJobDriver: JobDriver {
     }
 
     @ControlActor func prepare(_ job: Job) async throws(BlockError) {
+        // The copied data is durable before the header stops pointing at
+        // the layers it came from.
+        try await top.flush()
         try await daemon.replaceBacking(of: top, with: base, backingFile: backingFile)
     }
 
@@ -181,6 +184,12 @@ extension Daemon {
         if bs.backing != nil && !(bs.driver is Qcow2Image) {
             throw BlockError.unsupported("Lamina streams into qcow2 images only, not '\(bs.formatName)'")
         }
+        // Copy-on-read fills whole clusters only; a partly allocated
+        // extended-L2 cluster would keep holes that the new chain no
+        // longer backs.
+        if let img = bs.driver as? Qcow2Image, img.extendedL2, bs.backing != nil {
+            throw BlockError.unsupported("Lamina cannot stream into images with extended L2 entries yet")
+        }
         let reopened = bs.readOnly
         if reopened {
             try await bs.reopenReadWrite()
@@ -204,7 +213,8 @@ extension Daemon {
     /// The end of stream and intermediate commit (QEMU's
     /// bdrv_set_backing_hd + bdrv_change_backing_file, then the dropped
     /// layers released): `overlay`'s backing becomes `base`, in memory and
-    /// in its header, with every export drained across the switch.
+    /// in its header, with every export drained across the switch. The
+    /// caller has made the data the new chain relies on durable.
     func replaceBacking(of overlay: BlockNode, with base: BlockNode?, backingFile: String?) async throws(BlockError) {
         guard let img = overlay.driver as? Qcow2Image else { return }
         let old = overlay.backing
@@ -237,8 +247,6 @@ extension Daemon {
     private func switchBacking(of overlay: BlockNode, img: Qcow2Image, from old: BlockNode?, to base: BlockNode?,
                                name: String?) async throws(BlockError) {
         try await withExportsDrained { () async throws(BlockError) in
-            // The copied data is durable before the header stops pointing at it.
-            try await overlay.flush()
             base?.retain()
             img.setBacking(base)
             do throws(BlockError) {
