@@ -55,55 +55,29 @@ final class CommitJobDriver: JobDriver {
             try await base.truncate(to: len)
         }
         let buffer = AlignedBuffer(count: Int(Self.chunk))
-        var offset: Int64 = 0
-        var delay: UInt64 = 0
-        var firstError: BlockError?
-        var sinceWriteback: Int64 = 0
-        while offset < len {
-            await job.sleep(nanoseconds: delay)
-            if job.cancelRequested { break }
-            var n = min(Self.chunk, len - offset)
-            var copy = false
-            var failure: (BlockError, Bool)?
+        try await job.copyLoop(length: len, chunk: Self.chunk, target: base) { (offset, n0) in
+            let allocated: Bool
+            var n = n0
             do throws(BlockError) {
-                let (allocated, m) = try await top.isAllocatedAbove(base: base, at: offset, length: n)
-                n = m > 0 ? m : n
-                copy = allocated
-                if copy {
-                    let view = buffer.slice(0, Int(n))
-                    try await top.read(at: offset, into: view)
-                    do throws(BlockError) {
-                        try await base.write(at: offset, from: UnsafeRawBufferPointer(view))
-                    } catch {
-                        failure = (error, false)
-                    }
-                }
+                let (a, m) = try await top.isAllocatedAbove(base: base, at: offset, length: n)
+                (allocated, n) = (a, m > 0 ? m : n)
             } catch {
-                failure = (error, true)
+                return CopyStep(length: n, copied: false, failure: (error, true))
             }
-            if let (error, isRead) = failure {
-                let action = await job.errorAction(errno: error.errno != 0 ? error.errno : EIO, isRead: isRead)
-                if action == .stop {
-                    delay = 0
-                    continue
-                }
-                if firstError == nil { firstError = error }
-                if action == .report { break }
+            guard allocated else { return CopyStep(length: n, copied: false, failure: nil) }
+            let view = buffer.slice(0, Int(n))
+            do throws(BlockError) {
+                try await top.read(at: offset, into: view)
+            } catch {
+                return CopyStep(length: n, copied: true, failure: (error, true))
             }
-            job.progressUpdate(UInt64(n))
-            offset += n
-            delay = copy ? job.rateLimitDelay(UInt64(n)) : 0
-            if copy {
-                // Keep the base's writeback going: the flush before the
-                // backing switch then has little left to write.
-                sinceWriteback += n
-                if sinceWriteback >= 32 << 20 {
-                    sinceWriteback = 0
-                    await base.startWriteback()
-                }
+            do throws(BlockError) {
+                try await base.write(at: offset, from: UnsafeRawBufferPointer(view))
+            } catch {
+                return CopyStep(length: n, copied: true, failure: (error, false))
             }
+            return CopyStep(length: n, copied: true, failure: nil)
         }
-        if let e = firstError { throw e }
     }
 
     @ControlActor func prepare(_ job: Job) async throws(BlockError) {

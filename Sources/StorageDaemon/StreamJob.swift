@@ -47,19 +47,11 @@ final class StreamJobDriver: JobDriver {
     private func body(_ job: Job) async throws(BlockError) {
         guard let below = top.backing, below !== base else { return }
         let len = top.length
-        job.progressSetRemaining(UInt64(len))
         let cs = Int64((top.driver as? Qcow2Image)?.clusterSize ?? 65536)
         let buffer = AlignedBuffer(count: Int(Self.chunk + 2 * cs))
-        var offset: Int64 = 0
-        var delay: UInt64 = 0
-        var firstError: BlockError?
-        var sinceWriteback: Int64 = 0
-        while offset < len {
-            await job.sleep(nanoseconds: delay)
-            if job.cancelRequested { break }
-            var n = min(Self.chunk, len - offset)
+        try await job.copyLoop(length: len, chunk: Self.chunk, target: top) { (offset, n0) in
+            var n = n0
             var copy = false
-            var failure: (BlockError, Bool)?
             do throws(BlockError) {
                 let st = try await top.blockStatus(at: offset, length: n)
                 n = st.length
@@ -69,48 +61,25 @@ final class StreamJobDriver: JobDriver {
                     copy = allocated
                 }
             } catch {
-                failure = (error, true)
+                return CopyStep(length: n, copied: false, failure: (error, true))
             }
-            if copy, failure == nil {
-                // Whole clusters of `top`, read from its backing chain.
-                let start = alignDown(offset, cs)
-                let end = min(alignUp(offset + n, cs), len)
-                let view = buffer.slice(0, Int(end - start))
-                do throws(BlockError) {
-                    try await below.read(at: start, into: view)
-                } catch {
-                    failure = (error, true)
-                }
-                if failure == nil {
-                    do throws(BlockError) {
-                        try await top.write(at: start, from: UnsafeRawBufferPointer(view), flags: [.copyOnRead])
-                    } catch {
-                        failure = (error, false)
-                    }
-                }
+            guard copy else { return CopyStep(length: n, copied: false, failure: nil) }
+            // Whole clusters of `top`, read from its backing chain.
+            let start = alignDown(offset, cs)
+            let end = min(alignUp(offset + n, cs), len)
+            let view = buffer.slice(0, Int(end - start))
+            do throws(BlockError) {
+                try await below.read(at: start, into: view)
+            } catch {
+                return CopyStep(length: n, copied: true, failure: (error, true))
             }
-            if let (error, isRead) = failure {
-                let action = await job.errorAction(errno: error.errno != 0 ? error.errno : EIO, isRead: isRead)
-                if action == .stop {
-                    delay = 0
-                    continue
-                }
-                if firstError == nil { firstError = error }
-                if action == .report { break }
+            do throws(BlockError) {
+                try await top.write(at: start, from: UnsafeRawBufferPointer(view), flags: [.copyOnRead])
+            } catch {
+                return CopyStep(length: n, copied: true, failure: (error, false))
             }
-            job.progressUpdate(UInt64(n))
-            offset += n
-            delay = copy ? job.rateLimitDelay(UInt64(n)) : 0
-            if copy {
-                sinceWriteback += n
-                if sinceWriteback >= 32 << 20 {
-                    sinceWriteback = 0
-                    await top.startWriteback()
-                }
-            }
+            return CopyStep(length: n, copied: true, failure: nil)
         }
-        // An ignored error still keeps the backing file (QEMU's rule).
-        if let e = firstError { throw e }
     }
 
     @ControlActor func prepare(_ job: Job) async throws(BlockError) {
@@ -260,6 +229,57 @@ extension Daemon {
             // else holds close, releasing their own backing in turn.
             try? await old?.close()
         }
+    }
+}
+
+/// What one step of a copy loop did: how far it got, whether it copied
+/// (rate-limited) and the error it met, with whether it was a read.
+struct CopyStep {
+    var length: Int64
+    var copied: Bool
+    var failure: (BlockError, Bool)?
+}
+
+extension Job {
+    /// The loop stream and commit share (QEMU's stream_run / commit_run):
+    /// sleep for the rate limit, stop when cancelled, one step per chunk,
+    /// the on-error policy for a failed step (stop: pause and retry;
+    /// ignore: go on, but fail at the end; report: fail now), progress,
+    /// and writeback of `target` kept going while copying.
+    func copyLoop(length len: Int64, chunk: Int64, target: BlockNode,
+                  _ step: (Int64, Int64) async -> CopyStep) async throws(BlockError) {
+        progressSetRemaining(UInt64(len))
+        var offset: Int64 = 0
+        var delay: UInt64 = 0
+        var firstError: BlockError?
+        var sinceWriteback: Int64 = 0
+        while offset < len {
+            await sleep(nanoseconds: delay)
+            if cancelRequested { break }
+            let r = await step(offset, min(chunk, len - offset))
+            if let (error, isRead) = r.failure {
+                let action = await errorAction(errno: error.errno != 0 ? error.errno : EIO, isRead: isRead)
+                if action == .stop {
+                    delay = 0
+                    continue
+                }
+                if firstError == nil { firstError = error }
+                if action == .report { break }
+            }
+            progressUpdate(UInt64(r.length))
+            offset += r.length
+            delay = r.copied ? rateLimitDelay(UInt64(r.length)) : 0
+            if r.copied {
+                // The flush at the end then finds little left to write.
+                sinceWriteback += r.length
+                if sinceWriteback >= 32 << 20 {
+                    sinceWriteback = 0
+                    await target.startWriteback()
+                }
+            }
+        }
+        // An ignored error still fails the job (and keeps the chain).
+        if let e = firstError { throw e }
     }
 }
 
