@@ -14,7 +14,7 @@ import Synchronization
 /// the overlay of `top` gets `base` as its backing file. Nobody writes the
 /// committed layers meanwhile; guest reads through them stay correct
 /// because each range moves into `base` with the same bytes.
-final class CommitJobDriver: JobDriver {
+final class CommitJobDriver: BlockJobDriver {
     let top: BlockNode
     let base: BlockNode
     /// The node whose backing is `top` (its backing file changes).
@@ -40,15 +40,7 @@ final class CommitJobDriver: JobDriver {
 
     var type: JobType { .commit }
 
-    func run(_ job: Job) async throws(BlockError) {
-        do throws(BlockError) {
-            try await body(job)
-        } catch {
-            throw error.asJobError
-        }
-    }
-
-    private func body(_ job: Job) async throws(BlockError) {
+    func body(_ job: Job) async throws(BlockError) {
         let len = top.length
         job.progressSetRemaining(UInt64(len))
         if base.length < len {
@@ -102,7 +94,7 @@ final class CommitJobDriver: JobDriver {
 /// again. READY once in sync; block-job-complete drains the exports,
 /// copies the rest and pivots them to `base`; a cancel after READY ends
 /// the job without pivoting.
-final class ActiveCommitJobDriver: JobDriver {
+final class ActiveCommitJobDriver: BlockJobDriver {
     let top: BlockNode
     let base: BlockNode
     let reopened: Bool
@@ -146,15 +138,7 @@ final class ActiveCommitJobDriver: JobDriver {
         return nil
     }
 
-    func run(_ job: Job) async throws(BlockError) {
-        do throws(BlockError) {
-            try await body(job)
-        } catch {
-            throw error.asJobError
-        }
-    }
-
-    private func body(_ job: Job) async throws(BlockError) {
+    func body(_ job: Job) async throws(BlockError) {
         let len = top.length
         if base.length < len {
             try await base.truncate(to: len)

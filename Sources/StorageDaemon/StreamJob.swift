@@ -12,7 +12,7 @@ import Qcow2
 /// layers between it and `base` hold and `top` does not, then makes `base`
 /// the backing file of `top`. Guest writes to `top` go on meanwhile: the
 /// copy only fills clusters still unallocated in `top`, atomically.
-final class StreamJobDriver: JobDriver {
+final class StreamJobDriver: BlockJobDriver {
     let top: BlockNode
     /// The new backing node (nil: flatten the whole chain).
     let base: BlockNode?
@@ -36,15 +36,7 @@ final class StreamJobDriver: JobDriver {
 
     var type: JobType { .stream }
 
-    func run(_ job: Job) async throws(BlockError) {
-        do throws(BlockError) {
-            try await body(job)
-        } catch {
-            throw error.asJobError
-        }
-    }
-
-    private func body(_ job: Job) async throws(BlockError) {
+    func body(_ job: Job) async throws(BlockError) {
         guard let below = top.backing, below !== base else { return }
         let len = top.length
         let cs = Int64((top.driver as? Qcow2Image)?.clusterSize ?? 65536)
@@ -228,6 +220,22 @@ extension Daemon {
             // The overlay's reference to the old chain goes; layers nobody
             // else holds close, releasing their own backing in turn.
             try? await old?.close()
+        }
+    }
+}
+
+/// A block job whose failure reads as its errno (stream, commit, mirror):
+/// `body` is the work, `run` reports its error as QEMU does.
+protocol BlockJobDriver: JobDriver {
+    func body(_ job: Job) async throws(BlockError)
+}
+
+extension BlockJobDriver {
+    func run(_ job: Job) async throws(BlockError) {
+        do throws(BlockError) {
+            try await body(job)
+        } catch {
+            throw error.asJobError
         }
     }
 }
