@@ -65,8 +65,13 @@ public final class DirtyBitmap: Sendable {
 
     /// Bytes covered by dirty granules (QEMU's dirty count).
     public var dirtyBytes: Int64 {
-        let n = words.withLock { $0.count }
-        return min(n << shift, size)
+        let last = granules - 1
+        let (n, lastDirty) = words.withLock { w in
+            (w.count, last >= 0 && w.bits[Int(last >> 6)] & (UInt64(1) << UInt64(last & 63)) != 0)
+        }
+        // The last granule may reach past the end of the node.
+        let overhang = lastDirty ? (granules << shift) - size : 0
+        return (n << shift) - overhang
     }
 
     public var isClean: Bool { words.withLock { $0.count == 0 } }
