@@ -301,7 +301,6 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
             throw BlockError(.permissionDenied, errno: 13, "qcow2: Image is corrupt; cannot be opened read/write")
         }
         try await openForWriting()
-        settledReadOnly.store(false, ordering: .releasing)
         writableBox.store(true, ordering: .releasing)
     }
 
@@ -437,20 +436,17 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         }
     }
 
-    /// Set once reopened read-only: close then writes nothing.
-    private let settledReadOnly = Atomic<Bool>(false)
-
     /// A live snapshot's old layer becomes read-only: the cached tables,
     /// the cluster reserve and the dirty bit are settled now, as a clean
     /// close would; afterwards the image is not written again.
     public func settleForReadOnly() async throws(BlockError) {
-        if isReadOnly || settledReadOnly.load(ordering: .acquiring) { return }
+        if isReadOnly { return }
         await ioGate.waitIdle()
         await lock.lock()
         defer { lock.unlock() }
-        if closed { return }
+        if closed || isReadOnly { return }
         try await settleLocked()
-        settledReadOnly.store(true, ordering: .releasing)
+        // From now on nothing is written, not even at close.
         writableBox.store(false, ordering: .releasing)
     }
 
@@ -471,7 +467,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
 
     public func close() async throws(BlockError) {
         var firstError: BlockError?
-        if !isReadOnly && !settledReadOnly.load(ordering: .acquiring) {
+        if !isReadOnly {
             await ioGate.waitIdle()
             await lock.lock()
             do throws(BlockError) {

@@ -138,6 +138,16 @@ final class ActiveCommitJobDriver: BlockJobDriver {
         return nil
     }
 
+    /// Copies everything still dirty (the pivot, with the exports drained).
+    func copyRemaining(_ job: Job) async throws(BlockError) {
+        let buffer = AlignedBuffer(count: Int(Self.chunk))
+        while let (start, length) = dirty.nextDirtyRun(from: 0, maxLength: Self.chunk) {
+            if let (error, _) = await copy(start, length, buffer) { throw error }
+            job.progressUpdate(UInt64(length))
+        }
+        job.progressSetRemaining(0)
+    }
+
     func body(_ job: Job) async throws(BlockError) {
         let len = top.length
         if base.length < len {
@@ -217,7 +227,7 @@ final class ActiveCommitJobDriver: BlockJobDriver {
 
     @ControlActor func prepare(_ job: Job) async throws(BlockError) {
         guard shouldComplete.load(ordering: .acquiring) && !job.cancelRequested else { return }
-        try await daemon.pivotActiveCommit(top: top, base: base, dirty: dirty, job: job)
+        try await daemon.pivotActiveCommit(self, job: job)
     }
 
     @ControlActor func clean(_ job: Job) async {
@@ -338,17 +348,10 @@ extension Daemon {
     /// block-job-complete of an active commit: with every export drained,
     /// copy what is still dirty, then the exports of the active layer
     /// serve the base and the committed layers are dropped.
-    func pivotActiveCommit(top: BlockNode, base: BlockNode, dirty: DirtyBitmap, job: Job) async throws(BlockError) {
+    func pivotActiveCommit(_ driver: ActiveCommitJobDriver, job: Job) async throws(BlockError) {
+        let (top, base) = (driver.top, driver.base)
         try await withExportsDrained { () async throws(BlockError) in
-            let buffer = AlignedBuffer(count: Int(ActiveCommitJobDriver.chunk))
-            while let (start, length) = dirty.nextDirtyRun(from: 0, maxLength: ActiveCommitJobDriver.chunk) {
-                dirty.clear(start, length)
-                let view = buffer.slice(0, Int(length))
-                try await top.read(at: start, into: view)
-                try await base.write(at: start, from: UnsafeRawBufferPointer(view))
-                job.progressUpdate(UInt64(length))
-            }
-            job.progressSetRemaining(0)
+            try await driver.copyRemaining(job)
             try await base.flush()
             // The base takes over the active layer's role (and its
             // top-level reference unless the monitor owns it).
