@@ -104,7 +104,7 @@ let package = Package(
         ),
         .testTarget(
             name: "Qcow2Tests",
-            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "Qcow2", "BlockDrivers", "FileDriver"],
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "Qcow2", "BlockDrivers", "FileDriver", "TestSupport"],
             swiftSettings: strict
         ),
         .testTarget(
@@ -137,7 +137,7 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "ImgTool"],
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "ImgTool", "TestSupport"],
             swiftSettings: strict
         ),
     ]

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// kill -9 at random instants: the image must never be corrupt (leaks are
@@ -69,17 +70,13 @@ struct CrashTests {
                 }
             }
             // Run lamina-io in the background and kill it at a random moment.
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaIO)
-            p.arguments = ["-f", "qcow2"] + cmds.flatMap { ["-c", $0] } + [img]
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let outPath = dir.file("io\(round).out")
+            let p = try ChildProcess([laminaIO, "-f", "qcow2"] + cmds.flatMap { ["-c", $0] } + [img],
+                                     stderrPath: "/dev/null", stdoutPath: outPath)
             usleep(UInt32.random(in: 20_000...250_000, using: &rng))
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-            let lines = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.signal(SIGKILL)
+            _ = p.wait()
+            let lines = String(decoding: (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data(), as: UTF8.self)
                 .split(separator: "\n")
             // Completed operations: one output line each, in order.
             let completed = lines.count
@@ -133,15 +130,12 @@ struct CrashTests {
         var rng = SeededRandom(seed: 99)
         for i in 0..<5 {
             let dst = dir.file("dst\(i).qcow2")
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaImg)
-            p.arguments = ["convert", "-O", "qcow2", "-o", i % 2 == 0 ? "cluster_size=65536" : "cluster_size=4096", src, dst]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try ChildProcess([laminaImg, "convert", "-O", "qcow2", "-o",
+                                      i % 2 == 0 ? "cluster_size=65536" : "cluster_size=4096", src, dst],
+                                     stderrPath: "/dev/null", stdoutPath: "/dev/null")
             usleep(UInt32.random(in: 30_000...300_000, using: &rng))
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            p.signal(SIGKILL)
+            _ = p.wait()
             guard FileManager.default.fileExists(atPath: dst) else { continue }
             let chk = try run(["qemu-img", "check", dst])
             // A target killed before its header was written is not an image at all.

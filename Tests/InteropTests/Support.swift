@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Captured result of one process run.
@@ -11,55 +12,15 @@ struct ProcessResult: Equatable, CustomStringConvertible {
 
 /// Runs `args[0]` (looked up in PATH unless it contains a slash) with the
 /// remaining arguments, in `cwd`, with a hard timeout; never inherits stdin.
+/// Built on TestSupport's posix_spawn runner (Foundation's Process sometimes
+/// never notices a child's exit here).
 func run(_ args: [String], cwd: String? = nil, timeout: TimeInterval = 120, env: [String: String] = [:]) throws -> ProcessResult {
-    let p = Process()
-    if args[0].contains("/") {
-        p.executableURL = URL(fileURLWithPath: args[0])
-        p.arguments = Array(args.dropFirst())
-    } else {
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-    }
-    if let c = cwd { p.currentDirectoryURL = URL(fileURLWithPath: c) }
-    var environment = ProcessInfo.processInfo.environment
-    environment["LC_ALL"] = "C"
-    for (k, v) in env { environment[k] = v }
-    p.environment = environment
-    let out = Pipe()
-    let err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
-    let deadline = DispatchTime.now() + timeout
-    let group = DispatchGroup()
-    let o = DataBox()
-    let e = DataBox()
-    group.enter()
-    DispatchQueue.global().async {
-        o.data = out.fileHandleForReading.readDataToEndOfFile()
-        group.leave()
-    }
-    group.enter()
-    DispatchQueue.global().async {
-        e.data = err.fileHandleForReading.readDataToEndOfFile()
-        group.leave()
-    }
-    if group.wait(timeout: deadline) == .timedOut {
-        p.terminate()
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+    let r = try TestSupport.runProcess(args, cwd: cwd, environment: env, timeout: timeout)
+    if r.timedOut {
         Issue.record("timed out after \(timeout)s: \(args.joined(separator: " "))")
         return ProcessResult(status: -1, stdout: "", stderr: "timeout")
     }
-    p.waitUntilExit()
-    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o.data, as: UTF8.self),
-                         stderr: String(decoding: e.data, as: UTF8.self))
-}
-
-/// Written by one reader thread, read after the DispatchGroup wait.
-final class DataBox: @unchecked Sendable {
-    var data = Data()
+    return ProcessResult(status: r.status, stdout: r.stdout, stderr: r.stderr)
 }
 
 /// The directory holding the built products (lamina-img, lamina-io), found

@@ -2,6 +2,7 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import Foundation
+import TestSupport
 
 /// Runs a program and captures its output.
 struct ProcessResult {
@@ -11,20 +12,8 @@ struct ProcessResult {
 }
 
 func run(_ args: [String], cwd: String? = nil) throws -> ProcessResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    if let c = cwd { p.currentDirectoryURL = URL(fileURLWithPath: c) }
-    let out = Pipe()
-    let err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
-                         stderr: String(decoding: e, as: UTF8.self))
+    let r = try TestSupport.runProcess(args, cwd: cwd)
+    return ProcessResult(status: r.status, stdout: r.stdout, stderr: r.stderr)
 }
 
 /// A temporary directory removed when the value is released.
