@@ -54,10 +54,16 @@ struct CreateOptions {
     }
 
     let format: String
+    /// An option list other than the format's creation options (amend's).
+    var customSpecs: [Spec]?
     /// Values as QEMU keeps them: sizes and numbers normalised, the rest verbatim.
     private(set) var values: [String: String] = [:]
 
     init(format: String) { self.format = format }
+    init(format: String, specs: [Spec]) {
+        self.format = format
+        self.customSpecs = specs
+    }
 
     func has(_ key: String) -> Bool { values[key] != nil }
     func value(_ key: String) -> String? {
@@ -101,17 +107,9 @@ struct CreateOptions {
 
     /// Parses a `-o` list into the option set. Errors are phrased as QEMU's.
     mutating func parse(_ list: String) throws(ToolError) {
-        guard let parts = CreateOptions.splitList(list) else { throw ToolError(message: "Invalid option list: \(list)") }
-        let specs = CreateOptions.specs(for: format)
-        for part in parts where part != "help" && part != "?" {
-            let key: String
-            var value: String?
-            if let eq = part.firstIndex(of: "=") {
-                key = String(part[..<eq])
-                value = String(part[part.index(after: eq)...])
-            } else {
-                key = part
-            }
+        guard CreateOptions.splitList(list) != nil else { throw ToolError(message: "Invalid option list: \(list)") }
+        let specs = customSpecs ?? CreateOptions.specs(for: format)
+        for (key, value) in CreateOptions.tokenize(list) where !(value == nil && (key == "help" || key == "?")) {
             guard let spec = specs.first(where: { $0.name == key }) else {
                 throw ToolError(message: "Invalid parameter '\(key)'")
             }
@@ -136,6 +134,43 @@ struct CreateOptions {
                 values[key] = value ?? ""
             }
         }
+    }
+
+    /// QemuOpts' reading of a list: a name runs to the first '=' or ','
+    /// (no escapes; without '=' it is a flag), a value to the next single
+    /// ',' (",," is a literal comma).
+    static func tokenize(_ list: String) -> [(String, String?)] {
+        var out: [(String, String?)] = []
+        let c = Array(list)
+        var i = 0
+        while i < c.count {
+            var name = ""
+            while i < c.count && c[i] != "=" && c[i] != "," {
+                name.append(c[i])
+                i += 1
+            }
+            if i < c.count && c[i] == "=" {
+                i += 1
+                var value = ""
+                while i < c.count {
+                    if c[i] == "," {
+                        if i + 1 < c.count && c[i + 1] == "," {
+                            value.append(",")
+                            i += 2
+                            continue
+                        }
+                        break
+                    }
+                    value.append(c[i])
+                    i += 1
+                }
+                out.append((name, value))
+            } else {
+                out.append((name, nil))
+            }
+            if i < c.count && c[i] == "," { i += 1 }
+        }
+        return out
     }
 
     /// C strtoull(s, NULL, 0) with full-string check.

@@ -33,6 +33,7 @@ public enum LaminaImg {
             case "compare": status = try await CompareCommand.run(rest, ctx)
             case "create": status = try await CreateCommand.run(rest, ctx)
             case "convert": status = try await ConvertCommand.run(rest, ctx)
+            case "amend": status = try await AmendCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -54,6 +55,7 @@ public enum LaminaImg {
         usage: \(prog) [standard options] command [command options]
 
         Command syntax:
+          amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
           check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
           compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
           convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-U] filename [filename2 [...]] output_filename

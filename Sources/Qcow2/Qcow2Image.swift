@@ -55,7 +55,9 @@ struct PendingFree {
 public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     public let file: BlockNode
     public let options: Qcow2OpenOptions
-    let geo: Qcow2Geometry
+    /// Fixed for the life of the image, except that `amend` (with the
+    /// image otherwise idle, under `lock`) changes version and refcount order.
+    var geo: Qcow2Geometry
     let lock = AsyncLock()
     let ioGate = IOGate()
 
