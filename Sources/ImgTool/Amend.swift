@@ -55,7 +55,7 @@ enum AmendCommand {
             switch k {
             case "h": outln(LaminaImg.helpText(ctx.progName)); return 0
             case "o":
-                if !CreateOptions.wantsHelp(v!) && CreateOptions.splitList(v!) == nil {
+                if !CreateOptions.isValidOptionList(v!) {
                     throw ctx.fail("Invalid option list: \(v!)")
                 }
                 optionList = optionList.map { $0 + "," + v! } ?? v!
@@ -232,7 +232,19 @@ enum AmendCommand {
                 if newVersion < 3 && refcountBits != 16 {
                     throw BlockError.invalid("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
                 }
-                try await img.amendCheckRefcountWidth(order: newOrder)
+                if let problem = try await img.amendRefcountWidthProblem(order: newOrder) {
+                    // What QEMU reports before it hits the refcount: the
+                    // upgrade (if asked for), then its first walk over the
+                    // refcount table up to the offending entry.
+                    let helper = StatusHelper(progress: progress, totalOperations: (newVersion != oldVersion ? 1 : 0) + 1)
+                    if newVersion > oldVersion {
+                        helper.current = .upgrading
+                        for i in Int64(0)...2 { helper.report(i, 2) }
+                    }
+                    helper.current = .changingRefcountOrder
+                    for i in 0...problem.reftableIndex { helper.report(i, 3 * problem.reftableSize) }
+                    throw BlockError.invalid(problem.message)
+                }
             }
             if backingFile != nil || backingFormat != nil {
                 if backingFile != h.backingFile || backingFormat != h.backingFormat {

@@ -136,6 +136,14 @@ struct CreateOptions {
         }
     }
 
+    /// QEMU's is_valid_option_list: not empty, not starting with a comma,
+    /// not ending in an odd number of commas.
+    static func isValidOptionList(_ list: String) -> Bool {
+        guard let first = list.first, first != "," else { return false }
+        let trailing = list.reversed().prefix { $0 == "," }.count
+        return trailing % 2 == 0
+    }
+
     /// QemuOpts' reading of a list: a name runs to the first '=' or ','
     /// (no escapes; without '=' it is a flag), a value to the next single
     /// ',' (",," is a literal comma).

@@ -174,16 +174,26 @@ extension Qcow2Image {
 
     // MARK: - Refcount width
 
-    /// Fails with QEMU's message if some refcount does not fit in
-    /// 2^order bits. Changes nothing.
-    public func amendCheckRefcountWidth(order: Int) async throws(BlockError) {
+    /// The first refcount that does not fit in 2^order bits, as QEMU
+    /// reports it (with the refcount table index where it is found and the
+    /// table's size, for the progress QEMU shows until then); nil if all
+    /// fit. Changes nothing.
+    public func amendRefcountWidthProblem(order: Int) async throws(BlockError)
+        -> (reftableIndex: Int64, reftableSize: Int64, message: String)? {
         try await lock.withLock { () async throws(BlockError) in
-            _ = try await collectRefcountsLocked(newOrder: order)
+            let (_, failure) = try await collectRefcountsLocked(newOrder: order)
+            guard let f = failure else { return nil }
+            return (f.cluster / refblockEntries, Int64(refTable.count), refcountWidthMessage(order, f))
         }
     }
 
-    /// Every refcount (index = cluster), trimmed after the last nonzero one.
-    func collectRefcountsLocked(newOrder: Int) async throws(BlockError) -> [UInt64] {
+    func refcountWidthMessage(_ order: Int, _ f: (cluster: Int64, value: UInt64)) -> String {
+        "Cannot decrease refcount entry width to \(1 << order) bits: Cluster at offset \(hex(f.cluster * Int64(geo.clusterSize))) has a refcount of \(f.value)"
+    }
+
+    /// Every refcount (index = cluster), trimmed after the last nonzero
+    /// one; or the first that does not fit in the new width.
+    func collectRefcountsLocked(newOrder: Int) async throws(BlockError) -> ([UInt64], (cluster: Int64, value: UInt64)?) {
         let cs = Int64(geo.clusterSize)
         let e = Int(refblockEntries)
         let newMax = RefcountCodec.maxValue(order: newOrder)
@@ -200,15 +210,12 @@ extension Qcow2Image {
                 let v = RefcountCodec.get(b.pointer, i, order: geo.refcountOrder)
                 if v == 0 { continue }
                 let c = idx * e + i
-                if v > newMax {
-                    throw BlockError(.invalidArgument, errno: 22,
-                                     "Cannot decrease refcount entry width to \(1 << newOrder) bits: Cluster at offset \(hex(Int64(c) * cs)) has a refcount of \(v)")
-                }
+                if v > newMax { return (counts, (Int64(c), v)) }
                 if c >= counts.count { counts += [UInt64](repeating: 0, count: c + 1 - counts.count) }
                 counts[c] = v
             }
         }
-        return counts
+        return (counts, nil)
     }
 
     /// QEMU's qcow2_change_refcount_order: new refcount blocks and table in
@@ -228,7 +235,8 @@ extension Qcow2Image {
                 for i in 0..<n { progress(w * n + i, 3 * n) }
                 progress((w + 1) * n, 3 * n)
             }
-            var counts = try await collectRefcountsLocked(newOrder: order)
+            var (counts, failure) = try await collectRefcountsLocked(newOrder: order)
+            if let f = failure { throw BlockError(.invalidArgument, errno: 22, refcountWidthMessage(order, f)) }
             walk(0)
             walk(1)
             let areaStart = Int64(counts.count)

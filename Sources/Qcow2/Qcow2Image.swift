@@ -276,6 +276,8 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         try await lock.withLock { () async throws(BlockError) in
             if header.isDirty && options.repairDirty && !options.checkMode {
                 let result = try await checkLocked(repair: [.leaks, .errors])
+                // QEMU's check prints what it finds and repairs (stderr).
+                for m in result.messages { FileHandleStderr.write(m + "\n") }
                 if result.checkErrors > 0 || result.corruptions > result.corruptionsFixed {
                     throw BlockError.io("Could not repair dirty image: Input/output error", errno: 5)
                 }
