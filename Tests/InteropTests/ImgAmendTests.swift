@@ -339,6 +339,33 @@ struct ImgAmendTests {
         }
     }
 
+    // MARK: - Damaged images
+
+    @Test func damagedImages() throws {
+        // (name, patch offset, value, amend options)
+        let cases: [(String, UInt64, UInt64, String)] = [
+            ("corrupt bit", 72, 2, "compat=v2"),
+            ("unaligned refblock", 0x10000, 0x20100, "refcount_bits=8"),
+            ("unaligned refblock, downgrade", 0x10000, 0x20100, "compat=v2"),
+            ("unaligned L2 entry of a zero cluster", 0x30000, 0x8000_0000_0005_0101, "compat=v2"),
+        ]
+        for (label, offset, value, amend) in cases {
+            let f = try Self.fixture(create: "compat=v3", writes: ["write -P 1 0 1M", "write -z 1M 64k"])
+            try patch(f.path + "/img.qcow2", at: offset, be64(value))
+            let twin = try TwinDirs(copying: f.path)
+            let r = try twin.runTools(["amend", "-o", amend, "img.qcow2"])
+            expectSameResult(r.qemu, r.lamina, "amend -o \(amend) of \(label)")
+            let c = try twin.judge(["check", "img.qcow2"])
+            #expect(c.qemu.status == c.lamina.status, "check after \(label): qemu \(c.qemu) lamina \(c.lamina)")
+        }
+        // A missing backing file.
+        let t = TempDir()
+        _ = try run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "img.qcow2", "4M"], cwd: t.path)
+        let twin = try TwinDirs(copying: t.path)
+        let r = try twin.runTools(["amend", "-o", "compat=v2", "img.qcow2"])
+        expectSameResult(r.qemu, r.lamina, "amend with a missing backing file")
+    }
+
     // MARK: - Crash safety
 
     /// kill -9 at arbitrary instants of a refcount width change and of a
