@@ -11,8 +11,6 @@ import BlockGraph
 /// `progress(done, total)` reports the operation's own work units, the
 /// ones QEMU's amend status callback receives.
 extension Qcow2Image {
-    public var amendSnapshots: [Qcow2Snapshot] { snapshots }
-
     /// Settles everything a running image keeps in flight: cached L2 tables
     /// written, the cluster reserve returned, deferred frees applied.
     func settleForAmendLocked() async throws(BlockError) {
