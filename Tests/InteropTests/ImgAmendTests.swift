@@ -156,6 +156,21 @@ struct ImgAmendTests {
         #expect(Self.bytes(twin.l + "/img.qcow2") == before, "lamina-img changed the image on error")
     }
 
+    @Test func cacheModesForceQuietAndRawFiles() throws {
+        let f = try Self.fixture(create: "compat=v3")
+        try Self.amendBoth(f, ["-t", "none", "-o", "compat=v2"], label: "cache none")
+        try Self.amendBoth(f, ["-t", "unsafe", "-o", "lazy_refcounts=on"], label: "cache unsafe")
+        try Self.amendBoth(f, ["-t", "writethrough", "-q", "--force", "-o", "refcount_bits=32"], label: "writethrough -q --force")
+        let t = TempDir()
+        _ = try run(["qemu-img", "create", "-q", "-f", "raw", "r.raw", "1M"], cwd: t.path)
+        let twin = try TwinDirs(copying: t.path)
+        for args in [["amend", "-o", "compat=v2", "r.raw"], ["amend", "-f", "qcow2", "-o", "compat=v2", "r.raw"],
+                     ["amend", "-f", "raw", "-o", "compat=v2", "r.raw"], ["amend", "-o", "help", "r.raw"]] {
+            let r = try twin.runTools(args)
+            expectSameResult(r.qemu, r.lamina, "\(args)")
+        }
+    }
+
     @Test func noOpAmendsKeepTheImage() throws {
         let f = try Self.fixture(create: "compat=v3", backing: true)
         for o in ["compat=v3", "compat=1.1", "lazy_refcounts=off", "refcount_bits=16", "size=4M", "size=0",
