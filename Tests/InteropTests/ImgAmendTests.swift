@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 // `lamina-img amend` against the real qemu-img 7.2: twin copies of images
@@ -406,16 +407,10 @@ struct ImgAmendTests {
             for delay in delays {
                 let t = TempDir()
                 _ = try run(["cp", f.path + "/img.qcow2", f.path + "/orig.qcow2", f.path + "/base.qcow2", t.path + "/"])
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: laminaImg)
-                p.arguments = ["amend", "-o", amend, "img.qcow2"]
-                p.currentDirectoryURL = URL(fileURLWithPath: t.path)
-                p.standardOutput = FileHandle.nullDevice
-                p.standardError = FileHandle.nullDevice
-                try p.run()
+                let p = try ChildProcess(["/usr/bin/env", "-C", t.path, laminaImg, "amend", "-o", amend, "img.qcow2"])
                 Thread.sleep(forTimeInterval: delay)
-                kill(p.processIdentifier, SIGKILL)
-                p.waitUntilExit()
+                p.signal(SIGKILL)
+                _ = p.wait()
                 let c = try run(["qemu-img", "check", "img.qcow2"], cwd: t.path)
                 // Status 3 = leaks only.
                 #expect(c.status == 0 || c.status == 3, "\(amend) killed after \(delay)s: \(c)")
