@@ -404,7 +404,9 @@ extension Qcow2Image {
         for e in l1 where e & Qcow2.l1OffsetMask != 0 { s.insert(Int64(e & Qcow2.l1OffsetMask) / cs) }
         if header.nbSnapshots > 0 {
             addRange(Int64(header.snapshotsOffset), max(Int64(snapshotTableBytes), 1))
-            for sn in snapshots { addRange(Int64(sn.l1TableOffset), Int64(sn.l1Size) * 8) }
+            for sn in snapshots where Int64(sn.l1Size) * 8 <= Qcow2.maxL1Bytes && sn.l1TableOffset < UInt64(Int64.max / 2) {
+                addRange(Int64(sn.l1TableOffset), Int64(sn.l1Size) * 8)
+            }
         }
         if let bm = header.bitmaps { addRange(Int64(bm.directoryOffset), Int64(bm.directorySize)) }
         metadataClusters = s

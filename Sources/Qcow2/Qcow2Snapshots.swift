@@ -55,12 +55,8 @@ extension Qcow2Image {
             if extraLen >= 8 { sn.vmStateSize = extra.be64(0) }
             if extraLen >= 16 { sn.diskSize = extra.be64(8) }
             if extraLen >= 24 { sn.icount = extra.be64(16) }
-            if sn.l1Size > UInt32(Qcow2.maxL1Bytes / 8) {
-                throw BlockError.invalid("Snapshot L1 table too large")
-            }
-            if sn.l1TableOffset % UInt64(geo.clusterSize) != 0 {
-                throw BlockError.invalid("Snapshot L1 table offset invalid")
-            }
+            // Like QEMU, a snapshot's L1 table is validated only when the
+            // snapshot is applied or deleted (validateSnapshotL1).
             out.append(sn)
         }
         snapshotTableBytes = Int(off - start)
