@@ -34,6 +34,7 @@ public enum LaminaImg {
             case "create": status = try await CreateCommand.run(rest, ctx)
             case "convert": status = try await ConvertCommand.run(rest, ctx)
             case "amend": status = try await AmendCommand.run(rest, ctx)
+            case "snapshot": status = try await SnapshotCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -62,6 +63,7 @@ public enum LaminaImg {
           create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
           info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
           map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
+          snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
         """
     }
 }
