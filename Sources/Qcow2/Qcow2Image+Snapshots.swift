@@ -521,7 +521,6 @@ extension Qcow2Image {
     func writeL1Image(_ table: [UInt64], at offset: Int64, clusters: Int64) async throws(BlockError) {
         let buf = AlignedBuffer(count: Int(clusters) * geo.clusterSize, zeroed: true)
         for (i, v) in table.enumerated() { buf.setBE64(i, v) }
-        try await checkOverlap(offset, Int64(buf.count))
         try await file.write(at: offset, from: UnsafeRawBufferPointer(buf.bytes))
     }
 
@@ -555,6 +554,9 @@ extension Qcow2Image {
                 c = blockEnd
             }
             refcountsNeedSync = true
+            // Free until now: must not be known as metadata (QEMU's
+            // overlap check before writing a new table).
+            try await checkOverlap(start * Int64(geo.clusterSize), count * Int64(geo.clusterSize))
             for k in 0..<count { noteMetadata(cluster: start + k) }
             return start
         }
