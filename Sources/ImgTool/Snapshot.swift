@@ -33,8 +33,6 @@ enum SnapshotCommand {
                 default: action = .delete(v!)
                 }
             case "U": forceShare = true
-            case "object": throw ctx.fail("--object is not supported by Lamina")
-            case "image-opts": throw ctx.fail("--image-opts is not supported by Lamina")
             default: break
             }
         }

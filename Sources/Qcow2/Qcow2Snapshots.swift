@@ -25,7 +25,7 @@ extension Qcow2Image {
         var out: [Qcow2Snapshot] = []
         let maxTable: Int64 = 64 << 20
         let start = off
-        for _ in 0..<n {
+        for i in 0..<n {
             off = alignUp(off, 8)
             var fixed = [UInt8](repeating: 0, count: 40)
             try await Qcow2Image.readBytes(file, &fixed, off)
@@ -34,7 +34,8 @@ extension Qcow2Image {
             let nameLen = Int(fixed.be16(14))
             let extraLen = Int(fixed.be32(36))
             if extraLen > 1024 {
-                throw BlockError.invalid("Too much extra metadata in snapshot table entry")
+                throw BlockError.invalid("Too much extra metadata in snapshot table entry \(i)\n"
+                                         + "You can force-remove this extra metadata with qemu-img check -r all")
             }
             var extra = [UInt8](repeating: 0, count: extraLen)
             if extraLen > 0 { try await Qcow2Image.readBytes(file, &extra, off) }
@@ -46,7 +47,8 @@ extension Qcow2Image {
             if nameLen > 0 { try await Qcow2Image.readBytes(file, &nameBytes, off) }
             off += Int64(nameLen)
             if off - start > maxTable {
-                throw BlockError.invalid("Snapshot table is too big")
+                throw BlockError.invalid("Snapshot table is too big\n"
+                                         + "You can force-remove all \(n - i) overhanging snapshots with qemu-img check -r all")
             }
             var sn = Qcow2Snapshot(l1TableOffset: fixed.be64(0), l1Size: fixed.be32(8),
                                    id: String(decoding: idBytes, as: UTF8.self), name: String(decoding: nameBytes, as: UTF8.self),

@@ -17,6 +17,7 @@ struct ImgSnapshotTests {
         var extendedL2 = false
         var backing = false
         var refcountBits = 16
+        var compat = "1.1"
         var testDescription: String { name }
         var size: Int { max(16 << 20, clusterSize * 8) }
     }
@@ -28,6 +29,7 @@ struct ImgSnapshotTests {
         Layout(name: "64k extended_l2", clusterSize: 65536, extendedL2: true),
         Layout(name: "64k backing", clusterSize: 65536, backing: true),
         Layout(name: "4k refcount_bits=4", clusterSize: 4096, refcountBits: 4),
+        Layout(name: "64k compat=0.10", clusterSize: 65536, compat: "0.10"),
     ]
 
     static func qemuIO(_ cmds: [String], _ img: String, cwd: String) throws {
@@ -41,7 +43,7 @@ struct ImgSnapshotTests {
     /// compressed clusters and discards.
     static func makeFixture(_ lay: Layout, in dir: String) throws {
         let cs = lay.clusterSize
-        var opts = "cluster_size=\(cs),refcount_bits=\(lay.refcountBits)"
+        var opts = "cluster_size=\(cs),refcount_bits=\(lay.refcountBits),compat=\(lay.compat)"
         if lay.extendedL2 { opts += ",extended_l2=on" }
         if lay.backing {
             #expect(try run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "base.qcow2", "\(lay.size)"], cwd: dir).status == 0)
@@ -338,6 +340,33 @@ struct ImgSnapshotTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: t.l + "/img.qcow2")) == before, "image changed")
     }
 
+    @Test("a table of 65536 snapshots: one more is refused like qemu-img")
+    func tooManySnapshots() throws {
+        let dir = TempDir()
+        #expect(try run(["qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "4M"], cwd: dir.path).status == 0)
+        let img = dir.path + "/img.qcow2"
+        let end = (try FileManager.default.attributesOfItem(atPath: img)[.size] as? NSNumber)?.uint64Value ?? 0
+        var table: [UInt8] = []
+        for i in 1...65536 {
+            while table.count % 8 != 0 { table.append(0) }
+            let id = Array(String(i).utf8)
+            var e = [UInt8](repeating: 0, count: 64)
+            e.replaceSubrange(12..<14, with: be16(UInt16(id.count)))
+            e.replaceSubrange(36..<40, with: be32(24))
+            e.replaceSubrange(48..<56, with: be64(4 << 20))
+            table += e + id
+        }
+        let aligned = (end + 65535) / 65536 * 65536
+        try patch(img, at: aligned, table)
+        try patch(img, at: 60, be32(65536) + be64(aligned))
+        let t = try TwinDirs(copying: dir.path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: t.l + "/img.qcow2"))
+        let (q, l) = try t.runTools(["snapshot", "-c", "one-more", "img.qcow2"])
+        expectSameResult(q, l, "snapshot -c on a full table")
+        #expect(l.stderr == "qemu-img: Could not create snapshot 'one-more': -27 (File too large)\n", "\(l)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: t.l + "/img.qcow2")) == before, "image changed")
+    }
+
     @Test("images with persistent bitmaps: create works, apply is refused like qemu-img")
     func bitmaps() throws {
         let dir = TempDir()
@@ -380,6 +409,7 @@ struct ImgSnapshotTests {
                     "-a": "qemu-img: Snapshot L1 table exceeds the end of the file\nqemu-img: Could not apply snapshot 's1': Failed to load snapshot: Invalid argument\n",
                     "-d": "qemu-img: Could not delete snapshot 's1': Snapshot L1 table exceeds the end of the file\n",
                 ]),
+        Damaged(name: "too much extra data", inTable: true, offset: 36, bytes: be32(2000), deviations: [:]),
         // qemu-img's new L1 copy "overlaps" the huge inactive L1 table and
         // the image is marked corrupt; Lamina creates the snapshot.
         Damaged(name: "snapshot L1 table too large", inTable: true, offset: 8, bytes: be32(0x0800_0000), deviations: ["-c": ""]),
