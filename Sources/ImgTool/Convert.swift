@@ -38,7 +38,7 @@ enum ConvertCommand {
         var inOrder = true
         var forceShare = false
         var targetIsZero = false
-        var snapshot: String?
+        var snapshot: SnapshotParam?
         var copyRange = false
         for (k, v) in opts.options {
             switch k {
@@ -54,7 +54,7 @@ enum ConvertCommand {
                     throw ctx.fail("Invalid option list: \(v!)")
                 }
                 optionList = optionList.map { $0 + "," + v! } ?? v!
-            case "l": snapshot = v
+            case "l": snapshot = try SnapshotParam.parse(v!)
             case "S":
                 let s = try cvtnum("buffer size for sparse output", v!)
                 if s % 512 != 0 || s / 512 > 32768 {
@@ -112,7 +112,7 @@ enum ConvertCommand {
     static func convert(ctx: ToolContext, sourcesNames: [String], outName: String, fmt: String?, outFormat: String,
                         cache: String, srcMode: CacheMode, baseImage: String?, baseFormat: String?, optionList: String?,
                         compressed: Bool, skipCreate: Bool, minSparse: Int64, workers: Int, inOrder: Bool,
-                        forceShare: Bool, targetIsZero: Bool, snapshot: String?, progress: Progress,
+                        forceShare: Bool, targetIsZero: Bool, snapshot: SnapshotParam?, progress: Progress,
                         copyRange: Bool = false) async -> ToolError? {
         var sources: [BlockNode] = []
         var target: BlockNode?
@@ -127,8 +127,11 @@ enum ConvertCommand {
             for name in sourcesNames {
                 sources.append(try await openImage(name, format: fmt, readOnly: true, forceShare: forceShare, cache: srcMode))
             }
-            if snapshot != nil {
-                throw ToolError(message: "Failed to load snapshot: Block format '\(sources[0].formatName)' used by device '' does not support temporarily loading internal snapshots")
+            if let snap = snapshot {
+                if snap.idOrName != nil && sources.count > 1 {
+                    throw ToolError(message: "No support for concatenating multiple snapshot")
+                }
+                try await snap.load(sources[0])
             }
             let totalSectors = sources.reduce(Int64(0)) { $0 + ($1.length + 511) / 512 }
             var targetHasBacking = false

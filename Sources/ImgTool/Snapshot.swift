@@ -134,3 +134,54 @@ enum SnapshotCommand {
         String(cString: strerror(e))
     }
 }
+
+/// `convert -l` / `measure -l`: `snapshot.id=ID,snapshot.name=NAME` (either
+/// or both) or a plain ID_OR_NAME.
+struct SnapshotParam {
+    var id: String?
+    var name: String?
+    var idOrName: String?
+
+    static func parse(_ s: String) throws(ToolError) -> SnapshotParam {
+        guard s.hasPrefix("snapshot.") else { return SnapshotParam(idOrName: s) }
+        var p = SnapshotParam()
+        for part in s.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let eq = part.firstIndex(of: "=") else {
+                FileHandleStderr.write("\(ProgName.current): warning: short-form boolean option '\(part)' deprecated\nPlease use \(part)=on instead\n")
+                FileHandleStderr.write("\(ProgName.current): Invalid parameter '\(part)'\n")
+                throw ToolError(message: "Failed in parsing snapshot param '\(s)'")
+            }
+            let key = part[..<eq]
+            let value = String(part[part.index(after: eq)...])
+            switch key {
+            case "snapshot.id": p.id = value
+            case "snapshot.name": p.name = value
+            default:
+                FileHandleStderr.write("\(ProgName.current): Invalid parameter '\(key)'\n")
+                throw ToolError(message: "Failed in parsing snapshot param '\(s)'")
+            }
+        }
+        return p
+    }
+
+    /// QEMU's bdrv_snapshot_load_tmp(_by_id_or_name), reported as
+    /// "Failed to load snapshot: ...".
+    func load(_ node: BlockNode) async throws(ToolError) {
+        guard let q = node.driver as? Qcow2Image else {
+            throw ToolError(message: "Failed to load snapshot: Block format '\(node.formatName)' used by device '' does not support temporarily loading internal snapshots")
+        }
+        do throws(BlockError) {
+            if let both = idOrName {
+                do throws(BlockError) {
+                    try await q.loadSnapshotTemporarily(id: both, name: nil)
+                } catch where error.errno == 2 {
+                    try await q.loadSnapshotTemporarily(id: nil, name: both)
+                }
+            } else {
+                try await q.loadSnapshotTemporarily(id: id, name: name)
+            }
+        } catch {
+            throw ToolError(message: "Failed to load snapshot: " + error.message)
+        }
+    }
+}

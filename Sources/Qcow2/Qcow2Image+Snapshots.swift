@@ -593,3 +593,33 @@ extension Qcow2Image {
         }
     }
 }
+
+extension Qcow2Image {
+    /// Makes a snapshot's L1 table the one reads go through, in memory
+    /// only (QEMU qcow2_snapshot_load_tmp, for `convert -l`). The image
+    /// must be read-only; the virtual size stays the current one. With
+    /// both `id` and `name` both must match.
+    public func loadSnapshotTemporarily(id: String?, name: String?) async throws(BlockError) {
+        if !isReadOnly { throw BlockError(.invalidArgument, errno: 22, "Device is not readonly") }
+        try await lock.withLock { () async throws(BlockError) in
+            let found: Int?
+            switch (id, name) {
+            case let (i?, n?): found = snapshots.firstIndex { $0.id == i && $0.name == n }
+            case let (i?, nil): found = snapshots.firstIndex { $0.id == i }
+            case let (nil, n?): found = snapshots.firstIndex { $0.name == n }
+            default: found = nil
+            }
+            guard let index = found else { throw BlockError(.notFound, errno: 2, "Can't find snapshot") }
+            let sn = snapshots[index]
+            try validateSnapshotL1(sn)
+            var table = [UInt64](repeating: 0, count: Int(sn.l1Size))
+            if sn.l1Size > 0 {
+                try await Qcow2Image.readTable(file, Int64(sn.l1TableOffset), &table, what: "snapshot L1 table")
+            }
+            l1 = table
+            header.l1Size = sn.l1Size
+            header.l1TableOffset = sn.l1TableOffset
+            metadataClusters = nil
+        }
+    }
+}

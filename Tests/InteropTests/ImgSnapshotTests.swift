@@ -166,6 +166,12 @@ struct ImgSnapshotTests {
             }
             let c = try run(["cmp", t.q + "/sn-\(id).raw", t.l + "/sn-\(id).raw"])
             #expect(c.status == 0, "\(label): snapshot \(id) differs between the twins")
+            // lamina-img reads it the same (convert -l).
+            let lo = t.l + "/lsn-\(id).raw"
+            let lr = try run([laminaImg, "convert", "-l", "snapshot.id=\(id)", "-O", "raw", "img.qcow2", lo], cwd: t.l)
+            #expect(lr.status == 0, "\(label): lamina-img convert -l snapshot.id=\(id): \(lr)")
+            let lc = try run(["cmp", t.l + "/sn-\(id).raw", lo])
+            #expect(lc.status == 0, "\(label): lamina-img reads snapshot \(id) differently")
         }
     }
 
@@ -324,6 +330,40 @@ struct ImgSnapshotTests {
             ln.stdout = Self.normalizeDates(l.stdout)
             expectSameResult(qn, ln, args.joined(separator: " "))
             #expect(try Data(contentsOf: URL(fileURLWithPath: t.l + "/img.qcow2")) == before, "\(args): image changed")
+        }
+    }
+
+    @Test("convert -l: snapshot parameters and lookups as qemu-img")
+    func convertSnapshot() throws {
+        let fixture = TempDir()
+        try Self.makeFixture(Layout(name: "64k backing", clusterSize: 65536, backing: true), in: fixture.path)
+        #expect(try run(["qemu-img", "snapshot", "-c", "s1", "img.qcow2"], cwd: fixture.path).status == 0)
+        try Self.qemuIO(["write -P 0x71 0 1M"], "img.qcow2", cwd: fixture.path)
+        #expect(try run(["qemu-img", "snapshot", "-c", "2", "img.qcow2"], cwd: fixture.path).status == 0)
+        try Self.qemuIO(["write -P 0x72 0 2M"], "img.qcow2", cwd: fixture.path)
+        #expect(try run(["qemu-img", "create", "-q", "-f", "raw", "r.raw", "1M"], cwd: fixture.path).status == 0)
+        let t = try TwinDirs(copying: fixture.path)
+        let params = ["s1", "1", "2", "nope", "", "snapshot.id=1", "snapshot.name=s1", "snapshot.id=1,snapshot.name=s1",
+                      "snapshot.id=2,snapshot.name=s1", "snapshot.name=2", "snapshot.id=2", "snapshot.foo=1",
+                      "snapshot.id=1,bad", "snapshot.name="]
+        for p in params {
+            for fmt in ["raw", "qcow2"] {
+                let args = ["convert", "-l", p, "-O", fmt, "img.qcow2", "out.\(fmt)"]
+                let (q, l) = try t.runTools(args)
+                expectSameResult(q, l, args.joined(separator: " "))
+                if q.status == 0 {
+                    let c = try run(["qemu-img", "compare", "q/out.\(fmt)", "l/out.\(fmt)"], cwd: t.tmp.path)
+                    #expect(c.status == 0, "\(args): \(c)")
+                }
+                try? FileManager.default.removeItem(atPath: t.q + "/out.\(fmt)")
+                try? FileManager.default.removeItem(atPath: t.l + "/out.\(fmt)")
+            }
+        }
+        for args in [["convert", "-l", "s1", "-O", "raw", "img.qcow2", "img.qcow2", "out.raw"],
+                     ["convert", "-l", "snapshot.name=s1", "-O", "raw", "img.qcow2", "img.qcow2", "out.raw"],
+                     ["convert", "-l", "s1", "-f", "raw", "-O", "raw", "r.raw", "out.raw"]] {
+            let (q, l) = try t.runTools(args)
+            expectSameResult(q, l, args.joined(separator: " "))
         }
     }
 
