@@ -178,7 +178,11 @@ struct ImgSnapshotTests {
     static func runSequence(_ lay: Layout, _ steps: [Step], label: String) throws {
         let fixture = TempDir()
         try makeFixture(lay, in: fixture.path)
-        let t = try Twin(fixture: fixture.path)
+        try runSequence(fixture: fixture.path, steps, label: label)
+    }
+
+    static func runSequence(fixture: String, _ steps: [Step], label: String) throws {
+        let t = try Twin(fixture: fixture)
         try verify(t, label: "\(label) fixture")
         for (i, s) in steps.enumerated() {
             let l = "\(label) step \(i + 1)"
@@ -265,6 +269,27 @@ struct ImgSnapshotTests {
             .img(["snapshot", "-d", "small", "img.qcow2"]),
             .img(["snapshot", "-a", "big", "img.qcow2"]),
         ], label: "resize")
+    }
+
+    @Test("apply of a snapshot whose L1 table is larger than the active one")
+    func applyGrowsL1() throws {
+        let dir = TempDir()
+        #expect(try run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "img.qcow2", "600M"], cwd: dir.path).status == 0)
+        try Self.qemuIO(["write -P 0x61 0 64k", "write -P 0x62 500M 64k"], "img.qcow2", cwd: dir.path)
+        #expect(try run(["qemu-img", "snapshot", "-c", "big", "img.qcow2"], cwd: dir.path).status == 0)
+        // The active state shrinks to 1 MiB (one L1 entry) behind QEMU's
+        // back; check -r leaks settles the references it dropped.
+        try patch(dir.path + "/img.qcow2", at: 24, be64(1 << 20))
+        try patch(dir.path + "/img.qcow2", at: 36, be32(1))
+        _ = try run(["qemu-img", "check", "-q", "-r", "leaks", "img.qcow2"], cwd: dir.path)
+        try Self.runSequence(fixture: dir.path, [
+            .img(["snapshot", "-c", "small", "img.qcow2"]),
+            .io(["write -P 0x63 0 4k"]),
+            .img(["snapshot", "-a", "big", "img.qcow2"]),
+            .io(["write -P 0x64 500M 4k"]),
+            .img(["snapshot", "-a", "small", "img.qcow2"]),
+            .img(["snapshot", "-d", "big", "img.qcow2"]),
+        ], label: "grow L1")
     }
 
     @Test("the snapshot table is laid out as qemu-img writes it")
