@@ -292,6 +292,29 @@ struct ImgSnapshotTests {
         ], label: "grow L1")
     }
 
+    /// The snapshot table of dir/img.qcow2, L1 offsets and dates zeroed.
+    static func table(_ dir: String) throws -> [UInt8] {
+        let d = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/img.qcow2")))
+        let n = Int(d[60]) << 24 | Int(d[61]) << 16 | Int(d[62]) << 8 | Int(d[63])
+        var off = 0
+        for i in 64..<72 { off = off << 8 | Int(d[i]) }
+        var bytes: [UInt8] = []
+        var p = off
+        for _ in 0..<n {
+            while (p - off) % 8 != 0 { bytes.append(d[p]); p += 1 }
+            var e = Array(d[p..<(p + 40)])
+            for i in 0..<8 { e[i] = 0 }  // L1 table offset: allocation may differ
+            for i in 16..<24 { e[i] = 0 }  // date
+            let extra = Int(e[36]) << 24 | Int(e[37]) << 16 | Int(e[38]) << 8 | Int(e[39])
+            let idLen = Int(e[12]) << 8 | Int(e[13])
+            let nameLen = Int(e[14]) << 8 | Int(e[15])
+            bytes += e
+            bytes += d[(p + 40)..<(p + 40 + extra + idLen + nameLen)]
+            p += 40 + extra + idLen + nameLen
+        }
+        return bytes
+    }
+
     @Test("the snapshot table is laid out as qemu-img writes it")
     func tableBytes() throws {
         let fixture = TempDir()
@@ -300,31 +323,43 @@ struct ImgSnapshotTests {
         for name in ["first", "a-much-longer-snapshot-name", "", "x"] {
             try Self.perform(t, .img(["snapshot", "-c", name, "img.qcow2"]), label: "create '\(name)'")
         }
-        func table(_ dir: String) throws -> [UInt8] {
-            let d = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/img.qcow2")))
-            let n = Int(d[60]) << 24 | Int(d[61]) << 16 | Int(d[62]) << 8 | Int(d[63])
-            var off = 0
-            for i in 64..<72 { off = off << 8 | Int(d[i]) }
-            var bytes: [UInt8] = []
-            var p = off
-            for _ in 0..<n {
-                while (p - off) % 8 != 0 { bytes.append(d[p]); p += 1 }
-                var e = Array(d[p..<(p + 40)])
-                for i in 0..<8 { e[i] = 0 }  // L1 table offset: allocation may differ
-                for i in 16..<24 { e[i] = 0 }  // date
-                let extra = Int(e[36]) << 24 | Int(e[37]) << 16 | Int(e[38]) << 8 | Int(e[39])
-                let idLen = Int(e[12]) << 8 | Int(e[13])
-                let nameLen = Int(e[14]) << 8 | Int(e[15])
-                bytes += e
-                bytes += d[(p + 40)..<(p + 40 + extra + idLen + nameLen)]
-                p += 40 + extra + idLen + nameLen
-            }
-            return bytes
-        }
-        let qt = try table(t.q)
-        let lt = try table(t.l)
+        let qt = try Self.table(t.q)
+        let lt = try Self.table(t.l)
         #expect(qt == lt, "snapshot tables differ:\nqemu   \(qt)\nlamina \(lt)")
         try Self.verify(t, label: "table bytes")
+    }
+
+    @Test("unknown extra data of a snapshot table entry is kept when the table is rewritten")
+    func unknownExtraData() throws {
+        let dir = TempDir()
+        try Self.makeFixture(Layout(name: "64k", clusterSize: 65536), in: dir.path)
+        #expect(try run(["qemu-img", "snapshot", "-c", "old", "img.qcow2"], cwd: dir.path).status == 0)
+        let img = dir.path + "/img.qcow2"
+        let d = [UInt8](try Data(contentsOf: URL(fileURLWithPath: img)))
+        var off = 0
+        for i in 64..<72 { off = off << 8 | Int(d[i]) }
+        // The same entry with 8 more bytes of extra data, as a new table
+        // at the end of the file (the old one then leaks: repaired).
+        var e = Array(d[off..<(off + 64)])
+        e.replaceSubrange(36..<40, with: be32(32))
+        e += [0xab, 0xcd, 0xef, 1, 2, 3, 4, 5]
+        e += Array(d[(off + 64)..<(off + 64 + 1 + 3)])  // id "1", name "old"
+        let end = (UInt64(d.count) + 65535) / 65536 * 65536
+        try patch(img, at: end, e + [UInt8](repeating: 0, count: 65536 - e.count))
+        try patch(img, at: 64, be64(end))
+        _ = try run(["qemu-img", "check", "-q", "-r", "all", "img.qcow2"], cwd: dir.path)
+        try Self.runSequence(fixture: dir.path, [
+            .img(["snapshot", "-c", "new", "img.qcow2"]),
+            .img(["snapshot", "-l", "img.qcow2"]),
+        ], label: "unknown extra")
+        let t = try Twin(fixture: dir.path)
+        try Self.perform(t, .img(["snapshot", "-c", "new", "img.qcow2"]), label: "unknown extra")
+        let qt = try Self.table(t.q)
+        let lt = try Self.table(t.l)
+        #expect(qt == lt, "snapshot tables differ:\nqemu   \(qt)\nlamina \(lt)")
+        #expect(qt.count > 0 && lt.contains(0xab), "the unknown extra data was dropped")
+        try Self.perform(t, .img(["snapshot", "-d", "new", "img.qcow2"]), label: "unknown extra")
+        #expect(try Self.table(t.q) == Self.table(t.l), "after delete")
     }
 
     @Test("command line errors and lookup failures match qemu-img and change nothing")
