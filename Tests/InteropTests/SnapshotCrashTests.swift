@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// `lamina-img snapshot -c/-a/-d` killed (-9) at random instants of a long
@@ -41,16 +42,10 @@ struct SnapshotCrashTests {
         for round in 0..<5 {
             let dir = TempDir()
             #expect(try run(["cp", fixture.path + "/img.qcow2", dir.path + "/img.qcow2"]).status == 0)
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaImg)
-            p.arguments = ["snapshot"] + action + ["img.qcow2"]
-            p.currentDirectoryURL = URL(fileURLWithPath: dir.path)
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try ChildProcess(["/usr/bin/env", "-C", dir.path, laminaImg, "snapshot"] + action + ["img.qcow2"])
             usleep(UInt32(Int.random(in: (micros / 10)...micros, using: &rng)))
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            p.signal(SIGKILL)
+            _ = p.wait()
             let label = "\(action) round \(round)"
 
             let chk = try run(["qemu-img", "check", "img.qcow2"], cwd: dir.path)
