@@ -35,6 +35,8 @@ public enum LaminaImg {
             case "convert": status = try await ConvertCommand.run(rest, ctx)
             case "amend": status = try await AmendCommand.run(rest, ctx)
             case "snapshot": status = try await SnapshotCommand.run(rest, ctx)
+            case "resize": status = try await ResizeCommand.run(rest, ctx)
+            case "measure": status = try await MeasureCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -64,6 +66,8 @@ public enum LaminaImg {
           info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
           map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
           snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] filename]
+          resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
         """
     }
 }

@@ -421,7 +421,7 @@ extension Qcow2Image {
     /// Applies `transform` to the L2 entries of whole clusters
     /// [first, end) (one L2 table at a time), writing changed entries and
     /// freeing what they no longer reference.
-    private func rewriteEntries(_ first: Int64, _ end: Int64,
+    func rewriteEntries(_ first: Int64, _ end: Int64,
                                 _ transform: (UInt64, UInt64) -> (UInt64, UInt64, Bool)) async throws(BlockError) {
         let perTable = Int64(geo.l2Entries)
         let cs = Int64(geo.clusterSize)

@@ -88,6 +88,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     var snapshots: [Qcow2Snapshot] = []
     var snapshotTableBytes = 0
     var closed = false
+    /// Warnings of the last operation that reports them (resize: QEMU's
+    /// warn_report lines), for the tool to print.
+    public internal(set) var warnings: [String] = []
     /// Cluster indices holding metadata, for the overlap guard (built lazily).
     var metadataClusters: Set<Int64>?
 
