@@ -103,6 +103,10 @@ enum MeasureCommand {
             var co = CreateOptions(format: outFormat)
             if let o = options {
                 do throws(ToolError) {
+                    // img_measure has no "-o help": it is an unknown parameter.
+                    if let h = CreateOptions.splitList(o)?.first(where: { $0 == "help" || $0 == "?" }) {
+                        throw ToolError(message: "Invalid parameter '\(h)'")
+                    }
                     try co.parse(o)
                 } catch {
                     throw ctx.fail(error.message + "\n\(ctx.progName): Invalid options for file format '\(outFormat)'")

@@ -162,13 +162,17 @@ extension Qcow2Image {
         while true {
             attempts += 1
             if attempts > 100_000 { throw await corruption("Could not allocate clusters") }
-            // Refcount blocks for the whole run first: creating one may take a
-            // cluster of the run, in which case the run starts again after it.
+            // Refcount blocks for the whole run first, placed right after the
+            // run as QEMU's allocator does; should one land inside the run
+            // anyway, the run starts again after it.
+            let savedHint = freeClusterHint
+            freeClusterHint = c + count
             var idx = c / refblockEntries
             while idx <= (c + count - 1) / refblockEntries {
                 try await ensureRefblock(idx)
                 idx += 1
             }
+            freeClusterHint = savedHint
             var k: Int64 = 0
             while k < count, try await refcount(c + k) == 0 { k += 1 }
             if k == count { break }
@@ -198,7 +202,6 @@ extension Qcow2Image {
         try await writebackL2Locked()
         try await releaseReserveLocked()
         try await file.releaseUnusedSpace()
-        let freshFrom = file.length
         let firstCluster = oldSize / cs
         let endCluster = divRoundUp(newSize, cs)
         var hostEnd: Int64 = 0
@@ -223,19 +226,16 @@ extension Qcow2Image {
                     n += 1
                 }
                 let (hc, got) = try await allocateClusters(n)
-                // Contents: zeroes (or the head bytes) where the file may hold
-                // stale data; past the old end of the file it reads as zeroes.
-                for k in 0..<got {
-                    let host = (hc + k) * cs
-                    let isHead = i + k == firstCluster && head != nil && !geo.extendedL2
-                    if isHead {
-                        // Past the file's old end only the head bytes need writing
-                        // (the rest reads as zeroes), as QEMU's copy-on-write does.
-                        let n = host >= freshFrom ? Int(alignUp(oldSize - firstCluster * cs, 512)) : Int(cs)
-                        try await file.write(at: host, from: UnsafeRawBufferPointer(head!.slice(0, n)))
-                    } else if host < freshFrom && !geo.extendedL2 {
-                        let z = AlignedBuffer(count: Int(cs), zeroed: true)
-                        try await file.write(at: host, from: UnsafeRawBufferPointer(z.bytes))
+                // Contents: the new clusters must read as zeroes (or hold the
+                // head bytes). Holes in the file already do; anything else
+                // (clusters freed earlier, even during this operation) is
+                // zeroed. With subclusters nothing is read from the cluster.
+                if !geo.extendedL2 {
+                    try await zeroUnlessHoleLocked(hc * cs, got * cs)
+                    if let h = head, firstCluster >= i && firstCluster < i + got {
+                        let host = (hc + firstCluster - i) * cs
+                        let n = Int(alignUp(oldSize - firstCluster * cs, 512))
+                        try await file.write(at: host, from: UnsafeRawBufferPointer(h.slice(0, n)))
                     }
                 }
                 for k in 0..<got {
@@ -432,6 +432,28 @@ extension Qcow2Image {
             try await freeAfterUnref(oldOffset, oldClusters * cs)
         }
         return end
+    }
+
+    /// Writes zeroes over the parts of host range [offset, offset+length)
+    /// that are not holes of the file.
+    func zeroUnlessHoleLocked(_ offset: Int64, _ length: Int64) async throws(BlockError) {
+        let end = offset + length
+        var at = offset
+        while at < end {
+            let st = try await file.blockStatus(at: at, length: end - at)
+            if st.length <= 0 { break }
+            let n = min(st.length, end - at)
+            if !st.flags.contains(.zero) {
+                let z = AlignedBuffer(count: Int(min(n, 1 << 20)), zeroed: true)
+                var w = at
+                while w < at + n {
+                    let k = min(Int64(z.count), at + n - w)
+                    try await file.write(at: w, from: UnsafeRawBufferPointer(z.slice(0, Int(k))))
+                    w += k
+                }
+            }
+            at += n
+        }
     }
 
     /// The highest cluster below `fileLength` with a nonzero refcount.
