@@ -482,12 +482,23 @@ extension Qcow2Image {
         let discardStart = alignUp(newSize, cs)
         if discardStart < oldSize {
             do throws(BlockError) {
+                // QEMU's discard gives the L1 entry holding the new end a table
+                // of its own (allocated if missing, copied if shared) even when
+                // nothing in it changes; that table stays.
+                let l1i = geo.l1Index(discardStart)
+                if Int64(l1i) < geo.l1EntriesFor(size: newSize) && l1i < l1.count {
+                    try await lock.withLock { () async throws(BlockError) in
+                        if l1[l1i] & Qcow2.oflagCopied == 0 {
+                            _ = try await l2TableForWriteLocked(l1i)
+                        }
+                    }
+                }
                 try await rewriteEntries(discardStart / cs, divRoundUp(oldSize, cs)) { e, _ in
                     let allocated = e & Qcow2.oflagCompressed != 0 || e & Qcow2.l2OffsetMask != 0
                     return (0, 0, allocated)
                 }
             } catch {
-                throw error.prefixed("Failed to discard cropped clusters: ")
+                throw BlockError(error.kind, errno: error.errno, "Failed to discard cropped clusters: " + errnoString(error.errno))
             }
         }
         try await lock.withLock { () async throws(BlockError) in

@@ -56,6 +56,7 @@ extension Qcow2Image {
         }
         let (c, _) = try await allocateClusters(1)
         let newOff = c * cs
+        if newOff == 0 { throw await corruption("Preventing invalid allocation of L2 table at offset 0") }
         try await checkOverlap(newOff, cs)
         try await file.write(at: newOff, from: UnsafeRawBufferPointer(buf.bytes))
         noteMetadata(cluster: c)

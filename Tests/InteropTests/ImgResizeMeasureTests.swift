@@ -246,6 +246,45 @@ struct ImgResizeMeasureTests {
         #expect(c.status == 0, "refused resize changed the image")
     }
 
+    /// Shrinking into an unallocated L2 range: QEMU gives the L1 entry at
+    /// the new end an (empty) L2 table; internal snapshots keep theirs.
+    @Test func shrinkUnallocatedTail() throws {
+        let fx = try makeFixture { d in
+            ok(try qimg(["create", "-q", "-f", "qcow2", "e.qcow2", "4M"], d), "create")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "e5.qcow2", "4M"], d), "create")
+            ok(try qio(["-c", "write 0 512", "e5.qcow2"], d), "write")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "s.qcow2", "4M"], d), "create")
+            ok(try qio(["-c", "write -P 0x21 3M 64K", "s.qcow2"], d), "write")
+            ok(try qimg(["snapshot", "-c", "s1", "s.qcow2"], d), "snapshot")
+        }
+        let twin = try TwinDirs(copying: fx.path)
+        for (name, size) in [("e.qcow2", "1M"), ("e5.qcow2", "100K"), ("s.qcow2", "1M")] {
+            try same(twin, ["resize", "--shrink", name, size])
+            try expectSameImage(twin, name, layout: .sameMetadata, label: "shrink \(name)")
+            #expect(fileSize(twin.q + "/" + name) == fileSize(twin.l + "/" + name), "file size of \(name)")
+        }
+    }
+
+    /// Truncated images (tables past the end of the file read as zeroes):
+    /// same messages as qemu-img; both mark the image corrupt where QEMU does.
+    @Test func truncatedImages() throws {
+        let fx = try makeFixture { d in
+            ok(try qimg(["create", "-q", "-f", "qcow2", "t.qcow2", "4M"], d), "create")
+            ok(try qio(["-c", "write -P 0x11 0 4M", "t.qcow2"], d), "write")
+            ok(try run(["truncate", "-s", "300K", d + "/t.qcow2"]), "truncate")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "h.qcow2", "4M"], d), "create")
+            ok(try run(["truncate", "-s", "100K", d + "/h.qcow2"]), "truncate")
+        }
+        let twin = try TwinDirs(copying: fx.path)
+        for args in [["resize", "--shrink", "h.qcow2", "1M"], ["resize", "h.qcow2", "8M"], ["measure", "-O", "qcow2", "t.qcow2"],
+                     ["resize", "t.qcow2", "8M"], ["resize", "--shrink", "t.qcow2", "1M"]] {
+            try same(twin, args)
+        }
+        let c = try twin.judge(["check", "t.qcow2"])
+        expectSameResult(c.qemu, c.lamina, "check of the truncated image after resizing")
+        try expectSameJSONInfo(twin, "h.qcow2")
+    }
+
     /// Damaged images: same error, nothing changed.
     @Test func damagedInputs() throws {
         let fx = try makeFixture { d in
