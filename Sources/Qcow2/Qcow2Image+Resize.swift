@@ -212,43 +212,59 @@ extension Qcow2Image {
             var lo = Int.max
             var hi = 0
             var i = c
+            // A cluster keeps its host cluster if that is a plain one owned
+            // by this table (COPIED); compressed, shared and unallocated
+            // clusters get a new one (QEMU's cluster_needs_new_alloc).
+            func keeps(_ e: UInt64) -> Bool {
+                e & Qcow2.oflagCompressed == 0 && e & Qcow2.l2OffsetMask != 0 && e & Qcow2.oflagCopied != 0
+            }
+            var frees: [(Int64, Int64)] = []
             while i < tableEnd {
-                let idx = geo.l2Index(i * cs)
-                let e = table.l2Entry(idx, geo)
-                if e & Qcow2.l2OffsetMask != 0 || e & Qcow2.oflagCompressed != 0 {
+                if keeps(table.l2Entry(geo.l2Index(i * cs), geo)) {
                     i += 1
                     continue
                 }
                 var n: Int64 = 1
-                while i + n < tableEnd {
-                    let e2 = table.l2Entry(geo.l2Index((i + n) * cs), geo)
-                    if e2 & Qcow2.l2OffsetMask != 0 || e2 & Qcow2.oflagCompressed != 0 { break }
-                    n += 1
-                }
+                while i + n < tableEnd && !keeps(table.l2Entry(geo.l2Index((i + n) * cs), geo)) { n += 1 }
                 let (hc, got) = try await allocateClusters(n)
                 // Contents: the new clusters must read as zeroes (or hold the
                 // head bytes). Holes in the file already do; anything else
                 // (clusters freed earlier, even during this operation) is
-                // zeroed. With subclusters nothing is read from the cluster.
+                // zeroed. With subclusters only the head is read from the cluster.
                 if !geo.extendedL2 {
                     try await zeroUnlessHoleLocked(hc * cs, got * cs)
-                    if let h = head, firstCluster >= i && firstCluster < i + got {
-                        let host = (hc + firstCluster - i) * cs
-                        let n = Int(alignUp(oldSize - firstCluster * cs, 512))
-                        try await file.write(at: host, from: UnsafeRawBufferPointer(h.slice(0, n)))
-                    }
+                }
+                let headHere = head != nil && firstCluster >= i && firstCluster < i + got
+                if let h = head, headHere {
+                    let host = (hc + firstCluster - i) * cs
+                    let n = Int(alignUp(oldSize - firstCluster * cs, 512))
+                    try await file.write(at: host, from: UnsafeRawBufferPointer(h.slice(0, n)))
                 }
                 for k in 0..<got {
                     let j = geo.l2Index((i + k) * cs)
+                    let oe = table.l2Entry(j, geo)
+                    if let r = hostRange(of: oe) { frees.append(r) }
                     table.setL2Entry(j, geo, UInt64((hc + k) * cs) | Qcow2.oflagCopied)
-                    // Subclusters stay as they were (unallocated: zeroes or the
-                    // backing file, as before).
+                    if geo.extendedL2 {
+                        var bm = oe & Qcow2.oflagCompressed != 0 ? 0 : table.l2Bitmap(j, geo)
+                        if headHere && i + k == firstCluster {
+                            // The head bytes now live in the new cluster.
+                            let scs = Int64(geo.subclusterSize)
+                            let n = divRoundUp(oldSize - firstCluster * cs, scs)
+                            let mask = n >= 32 ? Qcow2Image.allAllocBitmap : (UInt64(1) << UInt64(n)) - 1
+                            bm = (bm | mask) & ~(mask << 32)
+                        }
+                        // Otherwise subclusters stay as they were (unallocated:
+                        // zeroes or the backing file, as before).
+                        table.setL2Bitmap(j, geo, bm)
+                    }
                     lo = min(lo, j)
                     hi = max(hi, j + 1)
                 }
                 hostEnd = max(hostEnd, (hc + got) * cs)
                 i += got
             }
+            for (o, l) in frees { try await freeAfterUnref(o, l) }
             if hi > lo { l2Cache.markDirty(l2Off, (lo * geo.l2EntrySize)..<(hi * geo.l2EntrySize)) }
             try await writebackIfNeededLocked()
             c = tableEnd

@@ -265,6 +265,24 @@ struct ImgResizeMeasureTests {
         }
     }
 
+    /// Compressed clusters: shrinking frees them; metadata preallocation
+    /// re-allocates a compressed cluster at the old end, keeping its head.
+    @Test(arguments: ["off", "metadata", "falloc", "full"])
+    func compressedClusters(_ mode: String) throws {
+        let fx = try makeFixture { d in
+            ok(try qimg(["create", "-q", "-f", "qcow2", "src.qcow2", "4M"], d), "create")
+            ok(try qio(["-c", "write -P 0x31 0 4M", "src.qcow2"], d), "write")
+            ok(try qimg(["convert", "-c", "-O", "qcow2", "src.qcow2", "c.qcow2"], d), "compress")
+        }
+        let twin = try TwinDirs(copying: fx.path)
+        try same(twin, ["resize", "--shrink", "c.qcow2", "1000K"])
+        try expectSameImage(twin, "c.qcow2", layout: .sameMetadata, label: "shrink compressed")
+        try same(twin, ["resize", "--preallocation=" + mode, "c.qcow2", "3M"])
+        try expectSameImage(twin, "c.qcow2", layout: .sameMetadata, label: "grow compressed, \(mode)")
+        #expect(fileSize(twin.q + "/c.qcow2") == fileSize(twin.l + "/c.qcow2"))
+        ok(try qio(["-c", "read -P 0x31 0 1000K", "c.qcow2"], twin.l), "head kept")
+    }
+
     /// Truncated images (tables past the end of the file read as zeroes):
     /// same messages as qemu-img; both mark the image corrupt where QEMU does.
     @Test func truncatedImages() throws {
