@@ -70,6 +70,7 @@ enum MeasureCommand {
         if filename == nil && imgSize == nil { throw ctx.fail("Either --size N or one filename must be specified.") }
 
         var node: BlockNode?
+        var snapshot: (Qcow2Image, [UInt64])?
         if let f = filename {
             try checkFormat(format, f)
             node = try await openImage(f, format: format, readOnly: true, forceShare: forceShare)
@@ -87,8 +88,19 @@ enum MeasureCommand {
                 } else {
                     found = list.contains { $0.id == snapshotName } || list.contains { $0.name == snapshotName }
                 }
-                if !found { throw ctx.fail("Failed to load snapshot: Can't find snapshot") }
-                throw ctx.fail("Failed to load snapshot: measuring an internal snapshot is not supported by Lamina yet")
+                let match: Qcow2Snapshot?
+                if let s = snapshotOpts {
+                    match = (s.id != nil || s.name != nil)
+                        ? list.first { (s.id == nil || $0.id == s.id) && (s.name == nil || $0.name == s.name) } : nil
+                } else {
+                    match = list.first { $0.id == snapshotName } ?? list.first { $0.name == snapshotName }
+                }
+                guard let sn = match, found else { throw ctx.fail("Failed to load snapshot: Can't find snapshot") }
+                do throws(BlockError) {
+                    snapshot = (q, try await q.snapshotL1(sn))
+                } catch {
+                    throw ctx.fail("Failed to load snapshot: " + error.message)
+                }
             }
             if outFormat != "qcow2" && outFormat != "raw" {
                 if creatableWithoutMeasure.contains(outFormat) {
@@ -114,7 +126,7 @@ enum MeasureCommand {
             }
             if let s = imgSize { co.set("size", String(s)) }
             let (required, fully, bitmaps) = outFormat == "qcow2"
-                ? try await measureQcow2(co, node)
+                ? try await measureQcow2(co, node, snapshot: snapshot)
                 : try await measureRaw(co, node)
             if json {
                 var m: [(String, JSON)] = []
@@ -164,7 +176,8 @@ enum MeasureCommand {
         return (required, required, nil)
     }
 
-    static func measureQcow2(_ co: CreateOptions, _ node: BlockNode?) async throws(ToolError) -> (Int64, Int64, Int64?) {
+    static func measureQcow2(_ co: CreateOptions, _ node: BlockNode?,
+                             snapshot: (Qcow2Image, [UInt64])? = nil) async throws(ToolError) -> (Int64, Int64, Int64?) {
         let extendedL2 = CreateOptions.isTrue(co.value("extended_l2"))
         let cs64 = UInt64(co.value("cluster_size") ?? "65536") ?? 0
         let bits = cs64 == 0 ? 0 : cs64.trailingZeroBitCount
@@ -215,17 +228,22 @@ enum MeasureCommand {
                 required = virtualSize
             } else {
                 var offset: Int64 = 0
+                var tables: [Int64: [UInt8]] = [:]
                 while offset < ssize {
-                    let st: ChainStatus
+                    let status: BlockStatus
                     do throws(BlockError) {
-                        st = try await n.blockStatusAbove(base: nil, at: offset, length: ssize - offset)
+                        if let (q, l1) = snapshot {
+                            status = try await snapshotStatus(q, l1, &tables, n, at: offset, length: ssize - offset)
+                        } else {
+                            status = try await n.blockStatusAbove(base: nil, at: offset, length: ssize - offset).status
+                        }
                     } catch {
                         throw ToolError(message: "Unable to get block status: " + errnoString(error.errno))
                     }
-                    var pnum = max(st.status.length, 1)
-                    if st.status.flags.contains(.zero) {
+                    var pnum = max(status.length, 1)
+                    if status.flags.contains(.zero) {
                         // Zero regions need no data clusters.
-                    } else if st.status.flags.contains(.data) && st.status.flags.contains(.allocated) {
+                    } else if status.flags.contains(.data) && status.flags.contains(.allocated) {
                         pnum = roundUp(offset + pnum, cs) - offset
                         required += offset % cs + pnum
                     }
@@ -239,6 +257,34 @@ enum MeasureCommand {
         if prealloc == .full || prealloc == .falloc { required = virtualSize }
         let fully = preallocSize(virtualSize, cs, refcountOrder: refcountBits.trailingZeroBitCount, extendedL2: extendedL2)
         return (fully - virtualSize + required, fully, bitmaps)
+    }
+
+    /// What bdrv_block_status_above reports with a snapshot loaded in the
+    /// top layer: the snapshot's own mapping (data on a hole of the file
+    /// reads as zeroes), unallocated ranges from the backing chain.
+    static func snapshotStatus(_ q: Qcow2Image, _ l1: [UInt64], _ tables: inout [Int64: [UInt8]], _ node: BlockNode,
+                               at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
+        var st = try await q.snapshotBlockStatus(l1: l1, tables: &tables, at: offset, length: length)
+        if st.flags.contains(.recurse), let host = st.hostNode {
+            st.flags.remove(.recurse)
+            let hs = try await host.blockStatus(at: st.hostOffset, length: st.length)
+            if hs.flags.contains(.eof) && hs.length == 0 {
+                st.flags.insert(.zero)
+            } else {
+                st.length = min(st.length, max(hs.length, 1))
+                if hs.flags.contains(.zero) { st.flags.insert(.zero) }
+            }
+        }
+        if !st.flags.isDisjoint(with: [.data, .zero]) {
+            st.flags.insert(.allocated)
+            return st
+        }
+        guard let b = node.backing, offset < b.length else {
+            return BlockStatus(flags: [.zero], length: st.length)
+        }
+        var bs = try await b.blockStatusAbove(base: nil, at: offset, length: min(st.length, b.length - offset)).status
+        bs.length = max(1, min(bs.length, st.length))
+        return bs
     }
 
     /// Space the source's persistent bitmaps would take in a qcow2 image

@@ -417,6 +417,36 @@ struct ImgResizeMeasureTests {
         }
     }
 
+    /// `-l`: the snapshot's own mapping (over the backing chain), the
+    /// current virtual size.
+    @Test func measureSnapshots() throws {
+        let fx = try makeFixture { d in
+            ok(try qimg(["create", "-q", "-f", "qcow2", "b.qcow2", "8M"], d), "base")
+            ok(try qio(["-c", "write 6M 1M", "b.qcow2"], d), "base data")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "a.qcow2", "4M"], d), "create")
+            ok(try qio(["-c", "write 0 1M", "-c", "write -z 1M 64K", "a.qcow2"], d), "write")
+            ok(try qimg(["snapshot", "-c", "s1", "a.qcow2"], d), "snapshot")
+            ok(try qio(["-c", "write 2M 1M", "-c", "write -z 0 64K", "a.qcow2"], d), "write after")
+            ok(try qimg(["resize", "-q", "a.qcow2", "8M"], d), "grow")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2"], d), "overlay")
+            ok(try qio(["-c", "write 0 100K", "o.qcow2"], d), "overlay data")
+            ok(try qimg(["snapshot", "-c", "snap", "o.qcow2"], d), "overlay snapshot")
+            ok(try qio(["-c", "write 3M 100K", "o.qcow2"], d), "overlay data after")
+            ok(try qimg(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "e.qcow2", "4M"], d), "extended")
+            ok(try qio(["-c", "write 0 5K", "-c", "write 100K 1K", "e.qcow2"], d), "extended data")
+            ok(try qimg(["snapshot", "-c", "s", "e.qcow2"], d), "extended snapshot")
+            ok(try qio(["-c", "write -z 0 64K", "e.qcow2"], d), "extended after")
+        }
+        let twin = try TwinDirs(copying: fx.path, hardLinks: true)
+        let cases: [[String]] = [
+            ["-O", "qcow2", "-l", "s1", "a.qcow2"], ["-l", "s1", "a.qcow2"], ["-O", "qcow2", "-l", "snapshot.id=1", "a.qcow2"],
+            ["-O", "qcow2", "-l", "snapshot.name=s1", "a.qcow2"], ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=zz", "a.qcow2"],
+            ["-O", "qcow2", "-l", "snap", "o.qcow2"], ["-O", "qcow2", "--output=json", "-l", "1", "o.qcow2"],
+            ["-O", "qcow2", "-o", "cluster_size=4k", "-l", "s", "e.qcow2"], ["-O", "qcow2", "-l", "nosuch", "e.qcow2"],
+        ]
+        for c in cases { try same(twin, ["measure"] + c) }
+    }
+
     @Test func measureErrors() throws {
         let fx = try makeFixture { d in
             ok(try qimg(["create", "-q", "-f", "qcow2", "a.qcow2", "1M"], d), "create")
