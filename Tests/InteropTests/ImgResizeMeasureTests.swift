@@ -59,6 +59,7 @@ struct ImgResizeMeasureTests {
     @Test(arguments: [
         ["cluster_size=512"], ["cluster_size=4096"], ["cluster_size=65536"],
         ["compat=0.10"], ["extended_l2=on"], ["cluster_size=2M", "refcount_bits=1"],
+        ["lazy_refcounts=on"], ["refcount_bits=64"], ["refcount_bits=2", "cluster_size=1k"],
     ])
     func qcow2GrowShrink(_ opts: [String]) throws {
         let fx = try makeFixture { d in
