@@ -105,7 +105,7 @@ extension Qcow2Image {
             table += h + extra + id + name
         }
         let clusters = divRoundUp(Int64(max(table.count, 1)), cs)
-        let start = try await allocateRunLocked(clusters)
+        let start = try await allocateContiguousLocked(clusters, asMetadata: false)
         let buf = AlignedBuffer(count: Int(clusters * cs), zeroed: true)
         table.withUnsafeBytes { buf.bytes.copyMemory(from: $0) }
         try await file.write(at: start * cs, from: UnsafeRawBufferPointer(buf.bytes))
@@ -140,34 +140,6 @@ extension Qcow2Image {
             }
             try await barrier()
         }
-    }
-
-    /// Allocates `n` contiguous free clusters (refcount 1, durable once the
-    /// caller's next barrier passes). Returns the first cluster index.
-    func allocateRunLocked(_ n: Int64) async throws(BlockError) -> Int64 {
-        var start = try await findFreeCluster(from: freeClusterHint)
-        var attempts = 0
-        while true {
-            attempts += 1
-            if attempts > 10000 { throw await corruption("Could not allocate clusters") }
-            let e = refblockEntries
-            for idx in (start / e)...((start + n - 1) / e) { try await ensureRefblock(idx) }
-            var ok = true
-            for c in start..<(start + n) where try await refcount(c) != 0 {
-                start = try await findFreeCluster(from: c + 1)
-                ok = false
-                break
-            }
-            if ok { break }
-        }
-        var c = start
-        while c < start + n {
-            let blockEnd = min(start + n, (c / refblockEntries + 1) * refblockEntries)
-            try await setRefcountRun(c, blockEnd - c, 1)
-            c = blockEnd
-        }
-        if start == freeClusterHint { freeClusterHint = start + n }
-        return start
     }
 
     // MARK: - Refcount width

@@ -269,6 +269,48 @@ extension Qcow2Image {
         return (start, n)
     }
 
+    /// `count` contiguous free clusters with refcount 1 (written through;
+    /// the caller's next barrier makes them durable, before anything points
+    /// at them). Their refcount blocks are placed first, after the run as
+    /// QEMU's allocator does; should one land inside the run, the search
+    /// starts again after it. With `asMetadata` the run is checked against
+    /// the known metadata and then noted as metadata (new tables). Returns
+    /// the first cluster index.
+    func allocateContiguousLocked(_ count: Int64, asMetadata: Bool = true) async throws(BlockError) -> Int64 {
+        precondition(count > 0)
+        var c = try await findFreeCluster(from: freeClusterHint)
+        var attempts = 0
+        while true {
+            attempts += 1
+            if attempts > 100_000 { throw await corruption("Could not allocate clusters") }
+            let savedHint = freeClusterHint
+            freeClusterHint = c + count
+            var idx = c / refblockEntries
+            while idx <= (c + count - 1) / refblockEntries {
+                try await ensureRefblock(idx)
+                idx += 1
+            }
+            freeClusterHint = savedHint
+            var k: Int64 = 0
+            while k < count, try await refcount(c + k) == 0 { k += 1 }
+            if k == count { break }
+            c = try await findFreeCluster(from: c + k + 1)
+        }
+        var r = c
+        while r < c + count {
+            let blockEnd = min(c + count, (r / refblockEntries + 1) * refblockEntries)
+            try await setRefcountRun(r, blockEnd - r, 1)
+            r = blockEnd
+        }
+        refcountsNeedSync = true
+        if c == freeClusterHint { freeClusterHint = c + count }
+        if asMetadata {
+            try await checkOverlap(c * Int64(geo.clusterSize), count * Int64(geo.clusterSize))
+            for k in 0..<count { noteMetadata(cluster: c + k) }
+        }
+        return c
+    }
+
     func refillReserve(want: Int64) async throws(BlockError) {
         if !pendingFrees.isEmpty {
             // Make the L2 updates that dropped these clusters durable, then reuse them.

@@ -129,6 +129,7 @@ extension Qcow2Image {
         let cs = Int64(geo.clusterSize)
         let bytes = Int64(newCount) * 8
         let clusters = divRoundUp(bytes, cs)
+        try await releaseReserveLocked()
         let start = try await allocateContiguousLocked(clusters)
         let offset = start * cs
         let a = Int64(max(8, file.driver.requestAlignment))
@@ -146,47 +147,10 @@ extension Qcow2Image {
         header.l1Size = UInt32(newCount)
         header.l1TableOffset = UInt64(offset)
         l1 += [UInt64](repeating: 0, count: newCount - l1.count)
-        for c in start..<(start + clusters) { noteMetadata(cluster: c) }
         if oldBytes > 0 && oldOffset != 0 {
             forgetMetadata(clusters: (oldOffset / cs)..<divRoundUp(oldOffset + oldBytes, cs))
             try await freeAfterUnref(oldOffset, oldBytes)
         }
-    }
-
-    /// Finds `count` contiguous free clusters, gives them refcount 1 and
-    /// makes that durable. Returns the first cluster index.
-    func allocateContiguousLocked(_ count: Int64) async throws(BlockError) -> Int64 {
-        try await releaseReserveLocked()
-        var c = try await findFreeCluster(from: freeClusterHint)
-        var attempts = 0
-        while true {
-            attempts += 1
-            if attempts > 100_000 { throw await corruption("Could not allocate clusters") }
-            // Refcount blocks for the whole run first, placed right after the
-            // run as QEMU's allocator does; should one land inside the run
-            // anyway, the run starts again after it.
-            let savedHint = freeClusterHint
-            freeClusterHint = c + count
-            var idx = c / refblockEntries
-            while idx <= (c + count - 1) / refblockEntries {
-                try await ensureRefblock(idx)
-                idx += 1
-            }
-            freeClusterHint = savedHint
-            var k: Int64 = 0
-            while k < count, try await refcount(c + k) == 0 { k += 1 }
-            if k == count { break }
-            c = try await findFreeCluster(from: c + k + 1)
-        }
-        var r = c
-        while r < c + count {
-            let blockEnd = min(c + count, (r / refblockEntries + 1) * refblockEntries)
-            try await setRefcountRun(r, blockEnd - r, 1)
-            r = blockEnd
-        }
-        try await barrier()
-        if c == freeClusterHint { freeClusterHint = c + count }
-        return c
     }
 
     // MARK: - Preallocation of the new area

@@ -524,43 +524,6 @@ extension Qcow2Image {
         try await file.write(at: offset, from: UnsafeRawBufferPointer(buf.bytes))
     }
 
-    /// `count` contiguous free clusters, their refcounts set to 1.
-    func allocateContiguousLocked(_ count: Int64) async throws(BlockError) -> Int64 {
-        precondition(count > 0)
-        let e = refblockEntries
-        var start = try await findFreeCluster(from: freeClusterHint)
-        var attempts = 0
-        while true {
-            attempts += 1
-            if attempts > 10_000 { throw await corruption("Could not allocate clusters") }
-            var n: Int64 = 0
-            while n < count, try await refcount(start + n) == 0 { n += 1 }
-            if n < count {
-                start = try await findFreeCluster(from: start + n + 1)
-                continue
-            }
-            // The refcount blocks may themselves land in the range: check again.
-            for idx in (start / e)...((start + count - 1) / e) { try await ensureRefblock(idx) }
-            n = 0
-            while n < count, try await refcount(start + n) == 0 { n += 1 }
-            if n < count {
-                start = try await findFreeCluster(from: start)
-                continue
-            }
-            var c = start
-            while c < start + count {
-                let blockEnd = min(start + count, (c / e + 1) * e)
-                try await setRefcountRun(c, blockEnd - c, 1)
-                c = blockEnd
-            }
-            refcountsNeedSync = true
-            // Free until now: must not be known as metadata (QEMU's
-            // overlap check before writing a new table).
-            try await checkOverlap(start * Int64(geo.clusterSize), count * Int64(geo.clusterSize))
-            for k in 0..<count { noteMetadata(cluster: start + k) }
-            return start
-        }
-    }
 }
 
 /// strtoul(s, NULL, 10) for the snapshot id: leading blanks and sign, then

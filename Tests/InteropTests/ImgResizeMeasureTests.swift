@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 // `lamina-img resize` and `lamina-img measure` against the real qemu-img 7.2
@@ -333,16 +334,10 @@ struct ImgResizeMeasureTests {
             let name = "k\(i).qcow2"
             ok(try qimg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", name, "1M"], t.path), "create")
             ok(try qio(["-c", "write -P 0x11 0 1M", name], t.path), "write")
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaImg)
-            p.arguments = ["resize", "--preallocation=metadata", name, "60M"]
-            p.currentDirectoryURL = URL(fileURLWithPath: t.path)
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try ChildProcess(["/usr/bin/env", "-C", t.path, laminaImg] + ["resize", "--preallocation=metadata", name, "60M"])
             Thread.sleep(forTimeInterval: delay)
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            p.signal(SIGKILL)
+            _ = p.wait()
             let c = try qimg(["check", name], t.path)
             #expect(c.status == 0 || c.status == 3, "kill after \(delay)s: \(c)")
             #expect(!c.stdout.contains("Data may be corrupted"), "kill after \(delay)s: \(c)")
@@ -367,16 +362,10 @@ struct ImgResizeMeasureTests {
         for (i, (args, delay)) in cases.enumerated() {
             let name = "k\(i).qcow2"
             ok(try run(["cp", "--sparse=always", "src.qcow2", name], cwd: t.path), "copy")
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaImg)
-            p.arguments = args.map { $0 == "@" ? name : $0 }
-            p.currentDirectoryURL = URL(fileURLWithPath: t.path)
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try ChildProcess(["/usr/bin/env", "-C", t.path, laminaImg] + args.map { $0 == "@" ? name : $0 })
             Thread.sleep(forTimeInterval: delay)
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            p.signal(SIGKILL)
+            _ = p.wait()
             let c = try qimg(["check", name], t.path)
             #expect(c.status == 0 || c.status == 3, "\(args) killed after \(delay)s: \(c)")
             #expect(!c.stdout.contains("Data may be corrupted"), "\(args) killed after \(delay)s: \(c)")
