@@ -37,6 +37,8 @@ public enum LaminaImg {
             case "snapshot": status = try await SnapshotCommand.run(rest, ctx)
             case "resize": status = try await ResizeCommand.run(rest, ctx)
             case "measure": status = try await MeasureCommand.run(rest, ctx)
+            case "commit": status = try await CommitCommand.run(rest, ctx)
+            case "rebase": status = try await RebaseCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -60,6 +62,7 @@ public enum LaminaImg {
         Command syntax:
           amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
           check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+          commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
           compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
           convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-U] filename [filename2 [...]] output_filename
           create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
@@ -68,6 +71,7 @@ public enum LaminaImg {
           snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
           measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] filename]
           resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+          rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
         """
     }
 }
