@@ -294,7 +294,7 @@ final class RebaseCopy: @unchecked Sendable {
             if differ {
                 do throws(BlockError) {
                     if oldIsZero {
-                        try await top.writeZeroes(at: offset + written, length: run, flags: [])
+                        try await zeroLikeQemu(offset + written, run)
                     } else {
                         try await top.write(at: offset + written,
                                             from: UnsafeRawBufferPointer(start: pa + Int(written), count: Int(run)))
@@ -305,6 +305,69 @@ final class RebaseCopy: @unchecked Sendable {
                 }
             }
             written += run
+        }
+    }
+
+    /// A zero write into the image as QEMU's qcow2 does it (the safe
+    /// rebase writes zeroes where the old chain ends): whole clusters get
+    /// the zero flag; a part of a cluster makes the whole cluster a zero
+    /// cluster when the rest of it reads as zeroes and it holds no data,
+    /// and is written as explicit zeroes otherwise. (A part that already
+    /// reads as zeroes must still be written: the backing file changes.)
+    func zeroLikeQemu(_ offset: Int64, _ length: Int64) async throws(BlockError) {
+        guard let q = top.driver as? Qcow2Image, q.version >= 3 else {
+            try await writeZeroBuffer(offset, length)
+            return
+        }
+        let cs = Int64(q.clusterSize)
+        let size = top.length
+        let end = offset + length
+        var pos = offset
+        while pos < end {
+            let cStart = alignDown(pos, cs)
+            let cEnd = min(cStart + cs, size)
+            let pieceEnd = min(end, cEnd)
+            if pos == cStart && pieceEnd == cEnd {
+                var fullEnd = max(pieceEnd, alignDown(end, cs))
+                if end == size { fullEnd = end }
+                try await top.writeZeroes(at: pos, length: fullEnd - pos, flags: [])
+                pos = fullEnd
+                continue
+            }
+            let st = try await top.blockStatus(at: cStart, length: cEnd - cStart)
+            let holdsNoData = st.length >= cEnd - cStart && !st.flags.contains(.data)
+            var zeroCluster = false
+            if holdsNoData {
+                let headZero = try await readsAsZero(cStart, pos - cStart)
+                let tailZero = try await readsAsZero(pieceEnd, cEnd - pieceEnd)
+                zeroCluster = headZero && tailZero
+            }
+            if zeroCluster {
+                try await top.writeZeroes(at: cStart, length: cEnd - cStart, flags: [])
+            } else {
+                try await writeZeroBuffer(pos, pieceEnd - pos)
+            }
+            pos = pieceEnd
+        }
+    }
+
+    private func readsAsZero(_ offset: Int64, _ length: Int64) async throws(BlockError) -> Bool {
+        var pos = offset
+        while pos < offset + length {
+            let st = try await top.blockStatusAbove(base: nil, at: pos, length: offset + length - pos)
+            if !st.status.flags.contains(.zero) || st.status.length <= 0 { return false }
+            pos += st.status.length
+        }
+        return true
+    }
+
+    private func writeZeroBuffer(_ offset: Int64, _ length: Int64) async throws(BlockError) {
+        let zeros = AlignedBuffer(count: Int(min(length, 1 << 20)), zeroed: true)
+        var done: Int64 = 0
+        while done < length {
+            let n = min(Int64(zeros.count), length - done)
+            try await top.write(at: offset + done, from: UnsafeRawBufferPointer(zeros.slice(0, Int(n))))
+            done += n
         }
     }
 
