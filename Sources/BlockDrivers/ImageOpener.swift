@@ -157,7 +157,10 @@ public enum ImageOpener {
                     img.setBacking(bnode)
                 } catch {
                     try? await node.close()
-                    if error.message.hasPrefix("Could not open backing file: ") || error.message.contains("creates an infinite loop") {
+                    // QEMU prefixes once per level ("Could not open backing
+                    // file: Could not open backing file: ..."); the loop
+                    // message (Lamina's own) stays as it is.
+                    if error.message.contains("creates an infinite loop") {
                         throw error
                     }
                     throw error.prefixed("Could not open backing file: ")
