@@ -169,6 +169,7 @@ final class ChainCommitCopy: @unchecked Sendable {
         var pos: Int64 = 0
         var done: Int64 = 0
         var total: Int64 = 0
+        var sinceWriteback: Int64 = 0
         var error: BlockError?
     }
     private let shared = Mutex(Shared())
@@ -296,10 +297,16 @@ final class ChainCommitCopy: @unchecked Sendable {
                 fail(error)
                 return
             }
-            let (done, total) = shared.withLock { s -> (Int64, Int64) in
+            let (done, total, kick) = shared.withLock { s -> (Int64, Int64, Bool) in
                 s.done += n
-                return (s.done, s.total)
+                s.sinceWriteback += n
+                let kick = s.sinceWriteback >= 32 << 20
+                if kick { s.sinceWriteback = 0 }
+                return (s.done, s.total, kick)
             }
+            // Keep the base's writeback going, so the final flush finds
+            // little left to write.
+            if kick && method == .copy { await base.startWriteback() }
             progressLock.withLock { _ in
                 progress.advance(Float(Double(done) / Double(max(total, 1)) * 100), max: 0)
             }
