@@ -5,6 +5,7 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import BlockIO
+import FileDriver
 import Qcow2
 import Synchronization
 
@@ -131,7 +132,7 @@ enum RebaseCommand {
             }
             if !unsafe {
                 let copier = RebaseCopy(top: top, old: top.backing, new: newBacking, prefix: prefix, progress: prog,
-                                        filename: filename)
+                                        filename: filename, mapHostFiles: !mode.direct && !srcMode.direct)
                 try await copier.run()
                 do throws(BlockError) {
                     // The copied data is durable before the header stops
@@ -175,9 +176,14 @@ final class RebaseCopy: @unchecked Sendable {
     let prefix: BlockNode?
     let progress: Progress
     let filename: String
+    /// Compare straight from the backing files' page cache (not with
+    /// O_DIRECT sources).
+    let mapHostFiles: Bool
     static let workers = 4
 
-    init(top: BlockNode, old: BlockNode?, new: BlockNode?, prefix: BlockNode?, progress: Progress, filename: String) {
+    init(top: BlockNode, old: BlockNode?, new: BlockNode?, prefix: BlockNode?, progress: Progress, filename: String,
+         mapHostFiles: Bool) {
+        self.mapHostFiles = mapHostFiles
         self.top = top
         self.old = old
         self.new = new
@@ -187,6 +193,19 @@ final class RebaseCopy: @unchecked Sendable {
     }
 
     private let failure = Mutex<ToolError?>(nil)
+    private let sinceWriteback = Mutex<Int64>(0)
+
+    /// Keeps the image's writeback going, so the flush before the header
+    /// change finds little left to write.
+    private func wrote(_ n: Int64) async {
+        let kick = sinceWriteback.withLock { v -> Bool in
+            v += n
+            if v < 32 << 20 { return false }
+            v = 0
+            return true
+        }
+        if kick { await top.startWriteback() }
+    }
 
     private func fail(_ e: ToolError) { failure.withLock { if $0 == nil { $0 = e } } }
 
@@ -262,33 +281,27 @@ final class RebaseCopy: @unchecked Sendable {
 
     private func step(_ offset: Int64, _ n: Int64, oldIsZero: Bool, oldSize: Int64, newSize: Int64,
                       _ bufOld: AlignedBuffer, _ bufNew: AlignedBuffer) async {
-        let a = bufOld.slice(0, Int(n))
-        let b = bufNew.slice(0, Int(n))
-        if oldIsZero {
-            a.zeroFill()
-        } else if let o = old {
-            do throws(BlockError) {
-                try await o.read(at: offset, into: a)
-            } catch {
-                fail(ToolError(message: "error while reading from old backing file"))
-                return
-            }
-        } else {
-            a.zeroFill()
+        var mappings: [HostMapping] = []
+        defer { for m in mappings { m.unmap() } }
+        let pa: UnsafeRawPointer
+        let pb: UnsafeRawPointer
+        do throws(BlockError) {
+            let (p, m) = try await view(oldIsZero ? nil : old, offset, n, bufOld)
+            pa = p
+            if let m { mappings.append(m) }
+        } catch {
+            fail(ToolError(message: "error while reading from old backing file"))
+            return
         }
-        if let nb = new, offset < newSize {
-            do throws(BlockError) {
-                try await nb.read(at: offset, into: b)
-            } catch {
-                fail(ToolError(message: "error while reading from new backing file"))
-                return
-            }
-        } else {
-            b.zeroFill()
+        do throws(BlockError) {
+            let (p, m) = try await view(offset < newSize ? new : nil, offset, n, bufNew)
+            pb = p
+            if let m { mappings.append(m) }
+        } catch {
+            fail(ToolError(message: "error while reading from new backing file"))
+            return
         }
         var written: Int64 = 0
-        let pa = UnsafeRawPointer(bufOld.pointer)
-        let pb = UnsafeRawPointer(bufNew.pointer)
         while written < n {
             let (differ, run) = compareSectors(pa + Int(written), pb + Int(written), n - written)
             if differ {
@@ -303,9 +316,32 @@ final class RebaseCopy: @unchecked Sendable {
                     fail(ToolError(message: "Error while writing to COW image: \(errnoString(error.errno == 0 ? 5 : error.errno))"))
                     return
                 }
+                await wrote(run)
             }
             written += run
         }
+    }
+
+    /// The bytes of `node` at [offset, offset+n): mapped straight from the
+    /// host file's page cache when one data run of the chain covers them
+    /// (no copy), read into `buf` otherwise; zeroes without a node.
+    private func view(_ node: BlockNode?, _ offset: Int64, _ n: Int64,
+                      _ buf: AlignedBuffer) async throws(BlockError) -> (UnsafeRawPointer, HostMapping?) {
+        guard let node else {
+            buf.slice(0, Int(n)).zeroFill()
+            return (UnsafeRawPointer(buf.pointer), nil)
+        }
+        if mapHostFiles {
+            let st = try await node.blockStatusAbove(base: nil, at: offset, length: n).status
+            if st.length >= n, st.flags.contains(.data), st.flags.contains(.offsetValid),
+               !st.flags.contains(.zero), !st.flags.contains(.compressed),
+               let fd = st.hostNode?.driver as? FileDriver,
+               let m = HostMapping(fd.host, st.hostOffset, Int(n)) {
+                return (m.pointer, m)
+            }
+        }
+        try await node.read(at: offset, into: buf.slice(0, Int(n)))
+        return (UnsafeRawPointer(buf.pointer), nil)
     }
 
     /// A zero write into the image as QEMU's qcow2 does it (the safe
