@@ -63,7 +63,8 @@ enum CommitCommand {
         }
         let prog = Progress(enabled: progress)
         prog.advance(0, max: 100)
-        let result = await commit(top: top, filename: filename, baseName: baseName, drop: drop, rate: rate, progress: prog)
+        let result = await commit(top: top, filename: filename, baseName: baseName, drop: drop, rate: rate, progress: prog,
+                                  mapHostFiles: !mode.direct)
         prog.end()
         do throws(BlockError) {
             try await top.close()
@@ -76,7 +77,7 @@ enum CommitCommand {
     }
 
     static func commit(top: BlockNode, filename: String, baseName: String?, drop: Bool, rate: Int64,
-                       progress: Progress) async -> ToolError? {
+                       progress: Progress, mapHostFiles: Bool) async -> ToolError? {
         let base: BlockNode
         if let name = baseName {
             guard let b = findBackingImage(top, name) else {
@@ -96,7 +97,7 @@ enum CommitCommand {
             return ToolError(message: error.message)
         }
         do throws(BlockError) {
-            let copier = ChainCommitCopy(top: top, base: base, rate: rate, progress: progress)
+            let copier = ChainCommitCopy(top: top, base: base, rate: rate, progress: progress, mapHostFiles: mapHostFiles)
             try await copier.run()
             progress.advance(100, max: 0)
             // What went down is durable before the image stops holding it.
@@ -160,6 +161,8 @@ final class ChainCommitCopy: @unchecked Sendable {
     let rate: Int64
     let progress: Progress
     let granularity: Int64
+    /// Copy from the page cache of the layers' files (not with O_DIRECT).
+    let mapHostFiles: Bool
     static let maxIO: Int64 = 4 << 20
     static let workers = 4
 
@@ -177,7 +180,8 @@ final class ChainCommitCopy: @unchecked Sendable {
     private let progressLock = Mutex(())
     private let started = ContinuousClock.now
 
-    init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress) {
+    init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress, mapHostFiles: Bool) {
+        self.mapHostFiles = mapHostFiles
         self.top = top
         self.base = base
         self.rate = rate
@@ -282,7 +286,23 @@ final class ChainCommitCopy: @unchecked Sendable {
                 case .copy:
                     var done: Int64 = 0
                     while done < n {
-                        let m = min(n - done, Self.maxIO)
+                        var m = min(n - done, Self.maxIO)
+                        // Straight from the page cache of the layer's file
+                        // when one data run covers the piece (no copy).
+                        if mapHostFiles {
+                            let st = try await top.blockStatusAbove(base: nil, at: off + done, length: m).status
+                            if st.flags.contains(.data), st.flags.contains(.offsetValid),
+                               !st.flags.contains(.zero), !st.flags.contains(.compressed),
+                               let fd = st.hostNode?.driver as? FileDriver,
+                               let map = HostMapping(fd.host, st.hostOffset, Int(min(m, st.length))) {
+                                m = min(m, st.length)
+                                defer { map.unmap() }
+                                try await base.write(at: off + done,
+                                                     from: UnsafeRawBufferPointer(start: map.pointer, count: Int(m)))
+                                done += m
+                                continue
+                            }
+                        }
                         let view = buf.slice(0, Int(m))
                         try await top.read(at: off + done, into: view)
                         try await base.write(at: off + done, from: UnsafeRawBufferPointer(view))
