@@ -163,6 +163,8 @@ final class ChainCommitCopy: @unchecked Sendable {
     let granularity: Int64
     /// Copy from the page cache of the layers' files (not with O_DIRECT).
     let mapHostFiles: Bool
+    /// Backing links from the image down to the base.
+    let baseDepth: Int
     static let maxIO: Int64 = 4 << 20
     static let workers = 4
 
@@ -182,6 +184,13 @@ final class ChainCommitCopy: @unchecked Sendable {
 
     init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress, mapHostFiles: Bool) {
         self.mapHostFiles = mapHostFiles
+        var depth = 0
+        var node: BlockNode? = top
+        while let n = node, n !== base {
+            depth += 1
+            node = n.backing
+        }
+        self.baseDepth = depth
         self.top = top
         self.base = base
         self.rate = rate
@@ -290,8 +299,11 @@ final class ChainCommitCopy: @unchecked Sendable {
                         // Straight from the page cache of the layer's file
                         // when one data run covers the piece (no copy).
                         if mapHostFiles {
-                            let st = try await top.blockStatusAbove(base: nil, at: off + done, length: m).status
-                            if st.flags.contains(.data), st.flags.contains(.offsetValid),
+                            let cs = try await top.blockStatusAbove(base: nil, at: off + done, length: m)
+                            let st = cs.status
+                            // Only from layers above the base (never a page
+                            // of the file being written).
+                            if cs.depth < baseDepth, st.flags.contains(.data), st.flags.contains(.offsetValid),
                                !st.flags.contains(.zero), !st.flags.contains(.compressed),
                                let fd = st.hostNode?.driver as? FileDriver,
                                let map = HostMapping(fd.host, st.hostOffset, Int(min(m, st.length))) {
