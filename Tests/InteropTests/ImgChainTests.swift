@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 // `lamina-img commit` and `rebase` against qemu-img 7.2 on twin backing
@@ -39,6 +40,15 @@ func buildChainFixture(_ dir: String) throws {
     try io("sub/nb2.qcow2", cmds: ["write -P 1 0 1M"])
     try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../mid.qcow2", "-F", "qcow2", "sub/stop.qcow2", "4M"])
     try io("sub/stop.qcow2", cmds: ["write -P 4 512k 64k"])
+    // Overlays larger than their base: commit grows the base first.
+    try sh(["qemu-img", "create", "-q", "-f", "qcow2", "small.qcow2", "2M"])
+    try io("small.qcow2", cmds: ["write -P 1 0 2M"])
+    try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2", "btop.qcow2", "4M"])
+    try io("btop.qcow2", cmds: ["write -P 2 1M 2M", "write -P 3 3584k 512k"])
+    try sh(["qemu-img", "create", "-q", "-f", "raw", "small.raw", "2M"])
+    try io("small.raw", "raw", cmds: ["write -P 1 0 2M"])
+    try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "small.raw", "-F", "raw", "rbtop.qcow2", "4M"])
+    try io("rbtop.qcow2", cmds: ["write -P 2 1M 2M"])
 }
 
 /// One fixture for the whole suite (read only: every test copies it).
@@ -52,7 +62,7 @@ final class ChainFixture: Sendable {
 }
 
 let chainLayers = ["base.qcow2", "mid.qcow2", "l3.qcow2", "top.qcow2", "nb.qcow2", "base.raw", "rtop.qcow2",
-                   "sub/nb2.qcow2", "sub/stop.qcow2"]
+                   "sub/nb2.qcow2", "sub/stop.qcow2", "small.qcow2", "btop.qcow2", "small.raw", "rbtop.qcow2"]
 
 /// `qemu-img map --output=json` without host offsets, adjacent equal runs merged.
 func normalizedMap(_ dir: String, _ name: String, format: String? = nil) throws -> String {
@@ -180,7 +190,8 @@ struct ImgChainTests {
     @Test("commit into the immediate backing file empties the image",
           arguments: [["commit", "top.qcow2"], ["commit", "-q", "top.qcow2"], ["commit", "-t", "unsafe", "top.qcow2"],
                       ["commit", "-t", "writethrough", "-r", "64M", "top.qcow2"], ["commit", "rtop.qcow2"],
-                      ["commit", "sub/stop.qcow2"], ["commit", "-f", "qcow2", "l3.qcow2"]])
+                      ["commit", "sub/stop.qcow2"], ["commit", "-f", "qcow2", "l3.qcow2"],
+                      ["commit", "btop.qcow2"], ["commit", "rbtop.qcow2"]])
     func commitDefault(_ args: [String]) throws {
         let (twin, _, l) = try expectSameRun(args, fixture: fixture)
         #expect(l.status == 0)
@@ -439,17 +450,10 @@ struct ImgChainCrashTests {
     }
 
     func killAfter(_ args: [String], cwd: String, micros: UInt32) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: laminaImg)
-        p.arguments = args
-        p.currentDirectoryURL = URL(fileURLWithPath: cwd)
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
+        let p = try ChildProcess(["/usr/bin/env", "-C", cwd, laminaImg] + args)
         usleep(micros)
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        p.signal(SIGKILL)
+        _ = p.wait()
     }
 
     @Test("kill -9 during commit and rebase", arguments: [["commit", "top.qcow2"], ["commit", "-d", "top.qcow2"],
