@@ -79,67 +79,19 @@ extension Qcow2Image {
     /// extra data) to freshly allocated clusters, switches the header to
     /// it in one write, then frees the old table.
     func rewriteSnapshotTableLocked() async throws(BlockError) {
-        let cs = Int64(geo.clusterSize)
-        var table: [UInt8] = []
-        for sn in snapshots {
-            while table.count % 8 != 0 { table.append(0) }
-            var extra = [UInt8](repeating: 0, count: max(24, sn.extraData.count))
+        var list = snapshots
+        for i in list.indices where list[i].extraData.count < 24 {
+            var sn = list[i]
+            var extra = [UInt8](repeating: 0, count: 24)
             extra.putBE64(sn.vmStateSize, 0)
             extra.putBE64(sn.diskSize ?? header.size, 8)
             extra.putBE64(sn.icount ?? UInt64.max, 16)
-            if sn.extraData.count > 24 {
-                for i in 24..<sn.extraData.count { extra[i] = sn.extraData[i] }
-            }
-            let id = Array(sn.id.utf8)
-            let name = Array(sn.name.utf8)
-            var h = [UInt8](repeating: 0, count: 40)
-            h.putBE64(sn.l1TableOffset, 0)
-            h.putBE32(sn.l1Size, 8)
-            h.putBE16(UInt16(id.count), 12)
-            h.putBE16(UInt16(name.count), 14)
-            h.putBE32(sn.dateSec, 16)
-            h.putBE32(sn.dateNsec, 20)
-            h.putBE64(sn.vmClockNsec, 24)
-            h.putBE32(UInt32(truncatingIfNeeded: sn.vmStateSize), 32)
-            h.putBE32(UInt32(extra.count), 36)
-            table += h + extra + id + name
-        }
-        let clusters = divRoundUp(Int64(max(table.count, 1)), cs)
-        let start = try await allocateContiguousLocked(clusters, asMetadata: false)
-        let buf = AlignedBuffer(count: Int(clusters * cs), zeroed: true)
-        table.withUnsafeBytes { buf.bytes.copyMemory(from: $0) }
-        try await file.write(at: start * cs, from: UnsafeRawBufferPointer(buf.bytes))
-        try await barrier()
-        var hb = [UInt8](repeating: 0, count: 12)
-        hb.putBE32(UInt32(snapshots.count), 0)
-        hb.putBE64(UInt64(start * cs), 4)
-        try await writeBytes(hb, at: 60)
-        try await barrier()
-        let oldOffset = Int64(header.snapshotsOffset)
-        let oldBytes = Int64(snapshotTableBytes)
-        header.snapshotsOffset = UInt64(start * cs)
-        snapshotTableBytes = table.count
-        for i in snapshots.indices {
-            var sn = snapshots[i]
-            var extra = sn.extraData
-            if extra.count < 24 {
-                extra = [UInt8](repeating: 0, count: 24)
-                extra.putBE64(sn.vmStateSize, 0)
-                extra.putBE64(sn.diskSize ?? header.size, 8)
-                extra.putBE64(sn.icount ?? UInt64.max, 16)
-            }
             sn.extraData = extra
             sn.diskSize = sn.diskSize ?? header.size
             sn.icount = sn.icount ?? UInt64.max
-            snapshots[i] = sn
+            list[i] = sn
         }
-        metadataClusters = nil
-        if oldBytes > 0 {
-            for c in (oldOffset / cs)...((oldOffset + oldBytes - 1) / cs) {
-                try await changeRefcount(c, by: -1)
-            }
-            try await barrier()
-        }
+        try await writeSnapshotTableLocked(list)
     }
 
     // MARK: - Refcount width
