@@ -103,4 +103,60 @@ public final class DirtyBitmap: Sendable {
             return (start, min(e << shift, size) - start)
         }
     }
+
+    // MARK: - Whole-bitmap access (persistent bitmaps, merge)
+
+    /// The bits as 64-bit words, granule g at bit g%64 of word g/64
+    /// (little-endian bytes of these words are qcow2's on-disk layout).
+    public func snapshotWords() -> [UInt64] { words.withLock { $0.bits } }
+
+    /// Replaces every bit; bits past the last granule are ignored.
+    public func setWords(_ new: [UInt64]) {
+        let total = granules
+        words.withLock { w in
+            var n: Int64 = 0
+            for i in 0..<w.bits.count {
+                var v = i < new.count ? new[i] : 0
+                let firstGranule = Int64(i) << 6
+                if firstGranule + 64 > total {
+                    let keep = total - firstGranule
+                    v &= keep <= 0 ? 0 : (UInt64(1) << UInt64(keep)) &- 1
+                }
+                w.bits[i] = v
+                n += Int64(v.nonzeroBitCount)
+            }
+            w.count = n
+        }
+    }
+
+    /// Clears everything.
+    public func clearAll() {
+        words.withLock { w in
+            for i in 0..<w.bits.count { w.bits[i] = 0 }
+            w.count = 0
+        }
+    }
+
+    /// ORs `other` (same node size, any granularity) into this bitmap:
+    /// every granule here that overlaps a dirty granule there is marked.
+    public func merge(from other: DirtyBitmap) {
+        if other.granularity == granularity && other.size == size {
+            let src = other.snapshotWords()
+            words.withLock { w in
+                var n: Int64 = 0
+                for i in 0..<min(w.bits.count, src.count) {
+                    w.bits[i] |= src[i]
+                    n += Int64(w.bits[i].nonzeroBitCount)
+                }
+                for i in src.count..<max(src.count, w.bits.count) { n += Int64(w.bits[i].nonzeroBitCount) }
+                w.count = n
+            }
+            return
+        }
+        var off: Int64 = 0
+        while let (s, l) = other.nextDirtyRun(from: off, maxLength: Int64.max / 2) {
+            mark(s, l)
+            off = s + l
+        }
+    }
 }

@@ -39,6 +39,7 @@ public enum LaminaImg {
             case "measure": status = try await MeasureCommand.run(rest, ctx)
             case "commit": status = try await CommitCommand.run(rest, ctx)
             case "rebase": status = try await RebaseCommand.run(rest, ctx)
+            case "bitmap": status = try await BitmapCommand.run(rest, ctx)
             case "-V", "--version":
                 outln("\(prog) version 7.2.0 (Lamina)")
                 status = 0
@@ -61,6 +62,7 @@ public enum LaminaImg {
 
         Command syntax:
           amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
+          bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
           check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
           commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
           compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2

@@ -142,6 +142,7 @@ extension Qcow2Image {
     }
 
     func write(at offset: Int64, payload: WritePayload, flags: WriteFlags) async throws(BlockError) {
+        markTracked(offset, Int64(payload.count))
         var done = 0
         let cor = flags.contains(.copyOnRead)
         while done < payload.count {
@@ -493,6 +494,7 @@ extension Qcow2Image {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
+        markTracked(offset, length)
         let cs = Int64(geo.clusterSize)
         let size = self.length
         var start = alignUp(offset, cs)
@@ -516,6 +518,7 @@ extension Qcow2Image {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
+        markTracked(offset, length)
         let cs = Int64(geo.clusterSize)
         let end = offset + length
         let size = self.length
@@ -592,6 +595,7 @@ extension Qcow2Image {
     /// written uncompressed. `data` is one cluster, or the image's last,
     /// partial cluster.
     public func writeCompressed(at guest: Int64, from data: UnsafeRawBufferPointer) async throws(BlockError) {
+        markTracked(guest, Int64(data.count))
         let cs = geo.clusterSize
         precondition(guest % Int64(cs) == 0 && data.count <= cs)
         // The last cluster of an image may be partial: compress it padded

@@ -78,6 +78,8 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     var compressedFreeByte: Int64 = 0
     var markedDirty = false
     var bitmapsMarkedInUse = false
+    /// Persistent dirty bitmaps (Qcow2Image+BitmapStore.swift).
+    var bitmapStore = BitmapStoreState()
     /// Refcount increments written since the last barrier.
     var refcountsNeedSync = false
     var reserveRefills = 0
@@ -98,6 +100,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     private let sizeBox: Atomic<Int64>
     private let writableBox: Atomic<Bool>
     private let backingBox = Mutex<BlockNode?>(nil)
+    /// The enabled persistent bitmaps that guest writes mark.
+    let trackedBitmaps = Mutex<[DirtyBitmap]>([])
+    let trackingCount = Atomic<Int>(0)
 
     public var formatName: String { "qcow2" }
     public var length: Int64 { sizeBox.load(ordering: .relaxed) }
@@ -176,6 +181,9 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         let img = Qcow2Image(file: file, header: header, l1: l1, refTable: rt, options: options)
         if !options.checkMode {
             img.snapshots = try await img.readSnapshotTable()
+        }
+        try await img.lock.withLock { () async throws(BlockError) in
+            try await img.loadBitmapsAtOpen()
         }
         if !options.readOnly {
             try await img.openForWriting()
@@ -403,33 +411,6 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
         if !bitmapsMarkedInUse { try await markBitmapsInUseLocked() }
     }
 
-    /// Lamina does not track persistent dirty bitmaps yet. Before the first
-    /// guest write, every bitmap is flagged in-use, QEMU's way of saying
-    /// "this bitmap may be stale": QEMU then reports it inconsistent and
-    /// never trusts it, instead of an incremental backup silently missing
-    /// the writes made here.
-    func markBitmapsInUseLocked() async throws(BlockError) {
-        bitmapsMarkedInUse = true
-        guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0, let ext = header.bitmaps, ext.count > 0 else { return }
-        var dir = [UInt8](repeating: 0, count: Int(ext.directorySize))
-        try await Qcow2Image.readBytes(file, &dir, Int64(ext.directoryOffset))
-        var off = 0
-        var changed = false
-        for _ in 0..<ext.count {
-            guard off + 24 <= dir.count else { break }
-            let flags = dir.be32(off + 12)
-            if flags & Qcow2BitmapInfo.flagInUse == 0 {
-                var b = [UInt8](repeating: 0, count: 4)
-                b.putBE32(flags | Qcow2BitmapInfo.flagInUse, 0)
-                try await writeBytes(b, at: Int64(ext.directoryOffset) + Int64(off + 12))
-                changed = true
-            }
-            let entryEnd = off + 24 + Int(dir.be32(off + 20)) + Int(dir.be16(off + 18))
-            off = (entryEnd + 7) & ~7
-        }
-        if changed { try await barrier() }
-    }
-
     // MARK: - Flush / close
 
     public func flush() async throws(BlockError) {
@@ -460,6 +441,8 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// What a clean close writes: cached L2 tables, the unused reserve
     /// returned, deferred frees applied, the dirty bit cleared; durable.
     private func settleLocked() async throws(BlockError) {
+        try await storeBitmapsLocked()
+        bitmapsMarkedInUse = false
         try await writebackL2Locked()
         try await releaseReserveLocked()
         try await file.flush()
