@@ -40,6 +40,8 @@ enum ConvertCommand {
         var targetIsZero = false
         var snapshot: SnapshotParam?
         var copyRange = false
+        var bitmaps = false
+        var skipBroken = false
         for (k, v) in opts.options {
             switch k {
             case "h": outln(LaminaImg.helpText(ctx.progName)); return 0
@@ -75,12 +77,13 @@ enum ConvertCommand {
             case "U": forceShare = true
             case "r": _ = try cvtnum("rate limit", v!)
             case "target-is-zero": targetIsZero = true
-            case "bitmaps", "skip-broken-bitmaps":
-                throw ctx.fail("--bitmaps is not supported yet by Lamina")
+            case "bitmaps": bitmaps = true
+            case "skip-broken-bitmaps": skipBroken = true
             default: break
             }
         }
         let outFormat = outFmt ?? "raw"
+        if skipBroken && !bitmaps { throw ctx.fail("Use of --skip-broken-bitmaps requires --bitmaps") }
         if skipCreate && optionList != nil { throw ctx.fail("-o has no effect when skipping image creation") }
         if targetIsZero && !skipCreate { throw ctx.fail("--target-is-zero requires use of -n flag") }
         let srcNum = opts.operands.count - 1
@@ -100,7 +103,7 @@ enum ConvertCommand {
                                    baseFormat: baseFormat, optionList: optionList, compressed: compressed,
                                    skipCreate: skipCreate, minSparse: minSparse, workers: workers, inOrder: inOrder,
                                    forceShare: forceShare, targetIsZero: targetIsZero, snapshot: snapshot, progress: prog,
-                                   copyRange: copyRange)
+                                   copyRange: copyRange, bitmaps: bitmaps ? (skipBroken ? .skipBroken : .copy) : .none)
         if result == nil { prog.advance(100, max: 0) }
         prog.end()
         if let e = result { throw e }
@@ -113,7 +116,7 @@ enum ConvertCommand {
                         cache: String, srcMode: CacheMode, baseImage: String?, baseFormat: String?, optionList: String?,
                         compressed: Bool, skipCreate: Bool, minSparse: Int64, workers: Int, inOrder: Bool,
                         forceShare: Bool, targetIsZero: Bool, snapshot: SnapshotParam?, progress: Progress,
-                        copyRange: Bool = false) async -> ToolError? {
+                        copyRange: Bool = false, bitmaps: BitmapCopy = .none) async -> ToolError? {
         var sources: [BlockNode] = []
         var target: BlockNode?
         func cleanup() async {
@@ -132,6 +135,10 @@ enum ConvertCommand {
                     throw ToolError(message: "No support for concatenating multiple snapshot")
                 }
                 try await snap.load(sources[0])
+            }
+            if bitmaps != .none {
+                if sources.count > 1 { throw ToolError(message: "Copying bitmaps only possible with single source") }
+                try await checkBitmaps(sources[0], skipBroken: bitmaps == .skipBroken)
             }
             let totalSectors = sources.reduce(Int64(0)) { $0 + ($1.length + 511) / 512 }
             var targetHasBacking = false
@@ -185,6 +192,9 @@ enum ConvertCommand {
                 throw ToolError(message: "Could not open '\(outName)': \(error.message)")
             }
             guard let tgt = target else { throw ToolError(message: "Could not open '\(outName)'") }
+            if bitmaps != .none && !((tgt.driver as? Qcow2Image).map { $0.version >= 3 } ?? false) {
+                throw ToolError(message: "Format driver '\(tgt.formatName)' does not support bitmaps")
+            }
             if compressed && !(tgt.driver is Qcow2Image) {
                 throw ToolError(message: "Compression not supported for this file format")
             }
@@ -221,6 +231,9 @@ enum ConvertCommand {
             if !ok {
                 await cleanup()
                 return ToolError(message: "", exitCode: 1)
+            }
+            if bitmaps != .none {
+                try await copyBitmaps(from: sources[0], to: tgt, skipBroken: bitmaps == .skipBroken)
             }
             do throws(BlockError) {
                 try await tgt.close()
