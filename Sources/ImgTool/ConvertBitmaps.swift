@@ -16,7 +16,8 @@ extension ConvertCommand {
             throw ToolError(message: "Source lacks bitmap support")
         }
         if skipBroken { return }
-        for b in await q.persistentBitmaps() where b.inconsistent {
+        // QEMU walks a node's bitmaps newest first.
+        for b in await q.persistentBitmaps().reversed() where b.inconsistent {
             throw ToolError(message: "Cannot copy inconsistent bitmap '\(b.name)'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it")
         }
     }
@@ -24,7 +25,7 @@ extension ConvertCommand {
     /// After the data: the bitmaps, stored when the target is closed.
     static func copyBitmaps(from src: BlockNode, to tgt: BlockNode, skipBroken: Bool) async throws(ToolError) {
         guard let sq = src.driver as? Qcow2Image, let tq = tgt.driver as? Qcow2Image else { return }
-        for b in await sq.persistentBitmaps() {
+        for b in await sq.persistentBitmaps().reversed() {
             if skipBroken && b.inconsistent {
                 FileHandleStderr.write("\(ProgName.current): warning: Skipping inconsistent bitmap '\(b.name)'\n")
                 continue

@@ -9,7 +9,7 @@ import Qcow2
 
 /// `lamina-io`: a qemu-io work-alike for scripting I/O against an image
 /// (tests, crash-safety runs): -c "write [-P pat] [-z [-u]] [-c] [-f] off len",
-/// "read [-P pat] off len", "discard off len", "flush".
+/// "read [-P pat] off len", "discard off len", "flush", "abort".
 public enum LaminaIO {
     public static func main(_ argv: [String]) async -> Int32 {
         let thread = IOThread(name: "lamina-io")
@@ -124,6 +124,10 @@ public enum LaminaIO {
             do throws(BlockError) { try await node.flush() } catch { throw ToolError(message: "flush failed: \(error.message)") }
             outln("flushed")
             return
+        case "abort":
+            // qemu-io's abort: die without closing (crash tests).
+            StdoutBuffer.shared.flush()
+            Glibc.abort()
         case "read", "write", "discard":
             break
         default:

@@ -437,9 +437,9 @@ extension Qcow2Image {
         if bits < Qcow2BitmapLimits.minGranularityBits {
             throw BlockError.invalid("Granularity is under minimum (\(1 << Qcow2BitmapLimits.minGranularityBits) bytes)")
         }
-        let len = UInt64(header.size)
-        if len > Qcow2BitmapLimits.maxPhysSize << UInt64(bits)
-            || len > (Qcow2BitmapLimits.maxTableSize * UInt64(geo.clusterSize)) << UInt64(bits) {
+        let granules = (UInt64(header.size) + UInt64(granularity) - 1) >> UInt64(bits)
+        let bitmapBytes = (granules + 7) / 8
+        if bitmapBytes > Qcow2BitmapLimits.maxPhysSize || bitmapBytes > Qcow2BitmapLimits.maxTableSize * UInt64(geo.clusterSize) {
             throw BlockError.invalid("Too much space will be occupied by the bitmap. Use larger granularity")
         }
         if name.utf8.count > Qcow2BitmapLimits.maxNameSize {
@@ -459,8 +459,11 @@ extension Qcow2Image {
     public func addBitmap(name: String, granularity: Int64, enabled: Bool) async {
         await lock.withLock {
             let bm = DirtyBitmap(size: Int64(header.size), granularity: granularity)
-            bitmapStore.list.append(StoredBitmap(name: name, granularityBits: UInt8(granularity.trailingZeroBitCount),
-                                                 enabled: enabled, inconsistent: false, bits: bm))
+            // QEMU stores the bitmaps already on disk in directory order,
+            // then new ones newest first (its in-memory list order).
+            let at = bitmapStore.list.firstIndex { $0.entryOffset == nil } ?? bitmapStore.list.count
+            bitmapStore.list.insert(StoredBitmap(name: name, granularityBits: UInt8(granularity.trailingZeroBitCount),
+                                                 enabled: enabled, inconsistent: false, bits: bm), at: at)
             bitmapStore.modified = true
             updateTrackedBitmaps()
         }
