@@ -239,9 +239,11 @@ extension Qcow2Image {
 
     // MARK: - Storing (clean close)
 
-    /// Whether a clean close has bitmaps to write back.
+    /// Whether a clean close writes bitmaps back: as QEMU, after every
+    /// read-write use of an image with consistent bitmaps (QEMU loads them
+    /// at open and stores them all at close), so both leave the same layout.
     var bitmapsNeedStore: Bool {
-        bitmapStore.modified || (bitmapsMarkedInUse && bitmapStore.list.contains { $0.diskFlags & Qcow2BitmapInfo.flagInUse != 0 && !$0.inconsistent })
+        bitmapStore.modified || bitmapStore.list.contains { !$0.inconsistent }
     }
 
     /// Writes every consistent bitmap to new clusters and a new directory,

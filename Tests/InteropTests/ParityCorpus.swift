@@ -166,12 +166,11 @@ enum ParityCatalog {
     ].map(ParityCase.init)
 
     /// Usage errors and option handling.
-    enum RepairDeviation { case none, betterRepair, bitmapsNotRewritten }
+    enum RepairDeviation { case none, betterRepair }
 
     /// Repairs where Lamina deliberately differs from qemu-img 7.2.
     static func repairDeviation(_ c: RepairCase) -> RepairDeviation {
         if c.image == "t70000.qcow2" && c.mode == "all" { return .betterRepair }
-        if c.image == "bm.qcow2" { return .bitmapsNotRewritten }
         return .none
     }
 
