@@ -522,3 +522,113 @@ struct ImgBitmapTests {
         #expect(check.qemu.status == check.lamina.status, "\(label): check after: \(check.qemu) \(check.lamina)")
     }
 }
+
+// MARK: - Storage daemons: bitmaps stored on clean shutdown, in use after a kill
+
+/// Sends QMP commands over a unix socket, one line each, reading the
+/// greeting and every answer (bounded by a receive timeout).
+func qmpSend(_ path: String, _ commands: [String]) -> Bool {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var tv = timeval(tv_sec: 20, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+    withUnsafeMutableBytes(of: &addr.sun_path) { p in
+        for (i, b) in bytes.enumerated() { p[i] = b }
+        p[bytes.count] = 0
+    }
+    let ok = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard ok == 0 else { return false }
+    func readLine() -> Bool {
+        var c: UInt8 = 0
+        while true {
+            let n = read(fd, &c, 1)
+            if n <= 0 { return false }
+            if c == 10 { return true }
+        }
+    }
+    guard readLine() else { return false }
+    for cmd in commands {
+        let line = Array((cmd + "\n").utf8)
+        guard write(fd, line, line.count) == line.count else { return false }
+        // quit may close the connection before or after its answer.
+        if !readLine() { return cmd.contains("\"quit\"") }
+    }
+    return true
+}
+
+enum DaemonEnd { case quit, blockdevDel, kill }
+
+/// Runs a storage daemon (QEMU's or Lamina's) on `image` (qcow2 node "q"
+/// exported writable over NBD), writes through NBD with qemu-io, then ends
+/// it as told.
+func daemonSession(_ binary: String, dir: String, image: String, io: [String], end: DaemonEnd) throws {
+    let qmp = dir + "/qmp.sock", nbd = dir + "/nbd.sock", pidfile = dir + "/d.pid"
+    for f in [qmp, nbd, pidfile] { try? FileManager.default.removeItem(atPath: f) }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: binary.contains("/") ? binary : "/usr/bin/" + binary)
+    p.arguments = ["--chardev", "socket,id=m0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=m0",
+                   "--blockdev", "driver=file,filename=\(dir)/\(image),node-name=f",
+                   "--blockdev", "driver=qcow2,file=f,node-name=q",
+                   "--nbd-server", "addr.type=unix,addr.path=\(nbd)",
+                   "--export", "nbd,id=e,node-name=q,name=x,writable=on", "--pidfile", pidfile]
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    defer {
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        p.waitUntilExit()
+    }
+    for _ in 0..<800 {
+        if FileManager.default.fileExists(atPath: pidfile) || !p.isRunning { break }
+        usleep(25_000)
+    }
+    let r = try run(["qemu-io", "-f", "raw"] + io.flatMap { ["-c", $0] } + ["nbd+unix:///x?socket=\(nbd)"], timeout: 60)
+    #expect(r.status == 0, "qemu-io over NBD (\(binary)): \(r)")
+    switch end {
+    case .kill:
+        kill(p.processIdentifier, SIGKILL)
+    case .quit:
+        #expect(qmpSend(qmp, ["{\"execute\":\"qmp_capabilities\"}", "{\"execute\":\"quit\"}"]), "\(binary): quit")
+    case .blockdevDel:
+        #expect(qmpSend(qmp, ["{\"execute\":\"qmp_capabilities\"}",
+                              "{\"execute\":\"block-export-del\",\"arguments\":{\"id\":\"e\"}}",
+                              "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"q\"}}",
+                              "{\"execute\":\"quit\"}"]), "\(binary): blockdev-del")
+    }
+    for _ in 0..<800 where p.isRunning { usleep(25_000) }
+}
+
+@Suite("persistent bitmaps in the storage daemon", .serialized)
+struct DaemonBitmapTests {
+    @Test("clean shutdown stores the bits, a kill leaves them in use: as qemu-storage-daemon",
+          arguments: [DaemonEnd.quit, .blockdevDel, .kill])
+    func session(_ end: DaemonEnd) throws {
+        let twin = try TwinDirs(copying: nil)
+        for d in [twin.q, twin.l] {
+            for s in [["qemu-img", "create", "-q", "-f", "qcow2", "d.qcow2", "64M"],
+                      ["qemu-img", "bitmap", "--add", "d.qcow2", "b0"],
+                      ["qemu-img", "bitmap", "--add", "-g", "1M", "d.qcow2", "b1"],
+                      ["qemu-img", "bitmap", "--add", "--disable", "d.qcow2", "b2"]] {
+                #expect(try run(s, cwd: d).status == 0)
+            }
+        }
+        let io = ["write 0 64k", "write -z 5M 2M", "discard 10M 1M", "write 63M 4k", "flush"]
+        try daemonSession("qemu-storage-daemon", dir: twin.q, image: "d.qcow2", io: io, end: end)
+        try daemonSession(productsDirectory + "/lamina-storage-daemon", dir: twin.l, image: "d.qcow2", io: io, end: end)
+        try expectSameBitmapState(twin, "d.qcow2", "daemon \(end)", leaksAllowed: end == .kill)
+        let flags = decodeBitmaps(twin.l + "/d.qcow2").map(\.flags)
+        #expect(flags == (end == .kill ? [3, 3, 1] : [2, 2, 0]))
+        if end != .kill {
+            // (The NBD export ignores discard without discard=unmap, in both.)
+            #expect(decodeBitmaps(twin.l + "/d.qcow2").map(\.dirty) == ["[0,80-111,1008]", "[0,5-6,63]", "[]"])
+        }
+    }
+}
