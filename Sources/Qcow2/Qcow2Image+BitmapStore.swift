@@ -522,3 +522,32 @@ extension Qcow2Image {
         }
     }
 }
+
+// MARK: - Resize (for the truncate path)
+
+extension Qcow2Image {
+    /// QEMU's qcow2_truncate_bitmaps_check: an image whose bitmaps include
+    /// an inconsistent one cannot be resized. Called with `lock` held
+    /// before a resize changes anything.
+    func checkBitmapsResizableLocked() throws(BlockError) {
+        // QEMU walks a node's bitmaps newest first.
+        for b in bitmapStore.list.reversed() where b.inconsistent {
+            throw BlockError.invalid("Bitmap '\(b.name)' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk")
+        }
+    }
+
+    /// Follows a new virtual size (`header.size` already updated): every
+    /// bitmap keeps its bits below the new end, a grown area is clean; the
+    /// bitmaps are stored at close. Called with `lock` held.
+    func resizeBitmapsLocked(to newSize: Int64) {
+        guard !bitmapStore.list.isEmpty else { return }
+        for i in bitmapStore.list.indices {
+            guard let old = bitmapStore.list[i].bits else { continue }
+            let new = DirtyBitmap(size: newSize, granularity: old.granularity)
+            new.setWords(old.snapshotWords())
+            bitmapStore.list[i].bits = new
+        }
+        bitmapStore.modified = true
+        updateTrackedBitmaps()
+    }
+}
