@@ -6,6 +6,8 @@ import BlockDrivers
 import BlockGraph
 import BlockIO
 import FileDriver
+import Qcow2
+import Synchronization
 
 /// A user-facing failure: message printed as "<prog>: <message>", exit code.
 struct ToolError: Error {
@@ -75,7 +77,9 @@ func cvtnum(_ name: String, _ text: String) throws(ToolError) -> Int64 {
 }
 
 enum ProgName {
-    nonisolated(unsafe) static var current = "lamina-img"
+    nonisolated(unsafe) static var current = "lamina-img" {
+        didSet { Qcow2Image.programName.withLock { $0 = current } }
+    }
 }
 
 /// Cache mode strings (-t / -T) as QEMU understands them.

@@ -47,6 +47,9 @@ struct BitmapStoreState {
     var modified = false
     /// Host ranges of removed bitmaps, released after the next store.
     var orphans: [(Int64, Int64)] = []
+    /// A bitmaps extension without the autoclear bit: ignored, and dropped
+    /// by a read-write open.
+    var staleExtension = false
 }
 
 /// What a tool sees of one persistent bitmap of an open image.
@@ -58,13 +61,43 @@ public struct Qcow2PersistentBitmap: Sendable, Equatable {
 }
 
 extension Qcow2Image {
+    /// The program name warnings start with ("qemu-img: warning: ...").
+    public static let programName = Mutex<String>("")
+
+    /// Read-write open: a stale bitmaps extension goes (QEMU rewrites the
+    /// header without it). Called with `lock` held.
+    func dropStaleBitmapsExtensionLocked() async throws(BlockError) {
+        guard bitmapStore.staleExtension, header.extensions.contains(where: { $0.type == Qcow2.extBitmaps }) else { return }
+        let saved = header
+        header.extensions.removeAll { $0.type == Qcow2.extBitmaps }
+        do throws(BlockError) {
+            try await writeHeaderLocked()
+        } catch {
+            header = saved
+            throw error
+        }
+        bitmapStore.staleExtension = false
+    }
+
     // MARK: - Loading (at open)
 
     /// Reads and checks the bitmap directory and every consistent bitmap's
     /// table and data, with QEMU's open-time messages. Called by `open`.
     func loadBitmapsAtOpen() async throws(BlockError) {
-        guard header.version >= 3, header.autoclearFeatures & Qcow2.autoclearBitmaps != 0,
-              let e = header.extensions.first(where: { $0.type == Qcow2.extBitmaps }) else { return }
+        guard let e = header.extensions.first(where: { $0.type == Qcow2.extBitmaps }) else { return }
+        if header.version < 3 || header.autoclearFeatures & Qcow2.autoclearBitmaps == 0 {
+            // Written by a program that does not know bitmaps: none can be
+            // trusted. A read-write open drops the extension (nothing of
+            // it is freed: those clusters may have been reused since).
+            let what = header.version < 3
+                ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
+                : "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+            let prog = Qcow2Image.programName.withLock { $0 }
+            FileHandleStderr.write((prog.isEmpty ? "" : prog + ": ") + "warning: " + what + "\n"
+                                   + "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+            bitmapStore.staleExtension = true
+            return
+        }
         if e.data.count != 24 { throw BlockError.invalid("bitmaps_ext: Invalid extension length") }
         guard let ext = header.bitmaps else { return }
         if e.data.be32(4) != 0 { throw BlockError.invalid("bitmaps_ext: reserved field is not zero") }
@@ -265,7 +298,7 @@ extension Qcow2Image {
             list[i].diskFlags = list[i].enabled ? Qcow2BitmapInfo.flagAuto : 0
         }
         try await barrier()
-        let old = header.bitmaps
+        let old = header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 ? header.bitmaps : nil
         var h = header
         h.extensions.removeAll { $0.type == Qcow2.extBitmaps }
         if list.isEmpty {

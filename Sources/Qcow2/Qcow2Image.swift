@@ -294,6 +294,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
                 }
                 // checkLocked cleared the dirty bit after repairing.
             }
+            try await dropStaleBitmapsExtensionLocked()
             if header.autoclearFeatures & ~Qcow2.autoclearKnown != 0 && header.version >= 3 {
                 header.autoclearFeatures &= Qcow2.autoclearKnown
                 try await writeHeaderLocked()

@@ -460,6 +460,9 @@ struct ImgBitmapTests {
     /// Damaged bitmap structures: both tools refuse (or cope) alike, and
     /// lamina changes nothing it refuses.
     static let damage: [(String, @Sendable (String, BitmapLayout) throws -> Void)] = [
+        // Not damage as such: a program without bitmap support wrote the
+        // image; a read-write open drops the extension (both tools).
+        ("autoclear bit cleared", { p, _ in try patch(p, at: 88, be64(0)) }),
         ("directory past the end", { p, b in try patch(p, at: UInt64(b.extOffset + 24), be64(0x1000_0000)) }),
         ("directory offset unaligned", { p, b in try patch(p, at: UInt64(b.extOffset + 24), be64(b.dirOffset + 1)) }),
         ("zero bitmaps", { p, b in try patch(p, at: UInt64(b.extOffset + 8), be32(0)) }),
@@ -514,7 +517,7 @@ struct ImgBitmapTests {
             } else {
                 expectSameResult(q, l, "\(label): \(args.joined(separator: " "))")
             }
-            if l.status != 0 && args[0] == "bitmap" {
+            if l.status != 0 && args[0] == "bitmap" && label != "autoclear bit cleared" {
                 #expect(readFileBytes(twin.l + "/d.qcow2") == before, "\(label): lamina changed a refused image")
             }
         }
