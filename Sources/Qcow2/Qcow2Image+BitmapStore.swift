@@ -239,6 +239,17 @@ extension Qcow2Image {
         let active = bitmapStore.list.compactMap { $0.enabled && !$0.inconsistent ? $0.bits : nil }
         trackedBitmaps.withLock { $0 = active }
         trackingCount.store(active.count, ordering: .releasing)
+        let catalog = bitmapStore.list.map {
+            (Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
+                                   enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
+        }
+        bitmapCatalog.withLock { $0 = catalog }
+    }
+
+    /// The persistent bitmaps and their live bits, without waiting for the
+    /// image's lock (for callers that cannot suspend, e.g. export setup).
+    public func persistentBitmapsNow() -> [(Qcow2PersistentBitmap, DirtyBitmap?)] {
+        bitmapCatalog.withLock { $0 }
     }
 
     /// Marks [offset, offset+length) in every enabled persistent bitmap

@@ -103,6 +103,8 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     /// The enabled persistent bitmaps that guest writes mark.
     let trackedBitmaps = Mutex<[DirtyBitmap]>([])
     let trackingCount = Atomic<Int>(0)
+    /// What `persistentBitmapsNow()` answers (kept by updateTrackedBitmaps).
+    let bitmapCatalog = Mutex<[(Qcow2PersistentBitmap, DirtyBitmap?)]>([])
 
     public var formatName: String { "qcow2" }
     public var length: Int64 { sizeBox.load(ordering: .relaxed) }

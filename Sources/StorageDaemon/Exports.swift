@@ -2,6 +2,7 @@ import BlockCore
 import BlockGraph
 import BlockIO
 import NBDServer
+import Qcow2
 import ServerKit
 
 /// QAPI BlockExportOptions for type nbd.
@@ -95,16 +96,15 @@ final class ExportRegistry {
         if nbd.exportNames().contains(name) {
             throw BlockError.invalid("NBD server already has export named '\(name)'")
         }
-        for b in o.bitmaps {
-            throw BlockError.invalid("Bitmap '\(b)' is not found")
-        }
+        let bitmaps = try exportBitmaps(o.bitmaps, node: rec.node, writable: o.writable)
         let user = RootUser(exportID: o.id, writable: o.writable)
         try graph.checkNewEdge(Graph.rootEdge(user, rec.node))
         let backend = NodeExportBackend(node: rec.node, executor: executorFor(rec.node), readPool: readPool,
                                         writable: o.writable,
-                                        allocationDepth: o.allocationDepth)
+                                        allocationDepth: o.allocationDepth, bitmaps: bitmaps)
         _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
-                                              writable: o.writable, allocationDepth: o.allocationDepth))
+                                              writable: o.writable, allocationDepth: o.allocationDepth,
+                                              bitmaps: o.bitmaps))
         graph.rootUsers[ObjectIdentifier(rec.node), default: []].append(user)
         try? graph.updateLocks()
         exports.insert(ExportRecord(id: o.id, nbdName: name, node: rec.node, writable: o.writable, backend: backend), at: 0)
@@ -154,5 +154,34 @@ final class ExportRegistry {
 
     func exportsUsing(_ node: BlockNode) -> [ExportRecord] {
         exports.filter { $0.node === node }
+    }
+}
+
+extension ExportRegistry {
+    /// QEMU's nbd_export_create checks for `bitmaps`: each is looked up on
+    /// the node, then down its backing chain; an enabled bitmap of a
+    /// writable node cannot go to a read-only export; an inconsistent one
+    /// cannot be used.
+    func exportBitmaps(_ names: [String], node: BlockNode, writable: Bool) throws(BlockError) -> [String: DirtyBitmap] {
+        var out: [String: DirtyBitmap] = [:]
+        for name in names {
+            var found: (BlockNode, Qcow2PersistentBitmap, DirtyBitmap?)?
+            var n: BlockNode? = node
+            while let cur = n, found == nil {
+                if let q = cur.driver as? Qcow2Image, let e = q.persistentBitmapsNow().first(where: { $0.0.name == name }) {
+                    found = (cur, e.0, e.1)
+                }
+                n = cur.backing
+            }
+            guard let (owner, info, bits) = found else { throw BlockError.invalid("Bitmap '\(name)' is not found") }
+            if !writable && !owner.readOnly && info.enabled {
+                throw BlockError.invalid("Enabled bitmap '\(name)' incompatible with readonly export")
+            }
+            guard !info.inconsistent, let bits else {
+                throw BlockError.invalid("Bitmap '\(name)' is inconsistent and cannot be used")
+            }
+            out[name] = bits
+        }
+        return out
     }
 }

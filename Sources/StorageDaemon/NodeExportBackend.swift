@@ -32,8 +32,12 @@ final class NodeExportBackend: NBDBackend, Sendable {
     private let nextReader = Atomic<Int>(0)
     static let pooledReadMinimum = 64 * 1024
 
+    /// Persistent dirty bitmaps served as `qemu:dirty-bitmap:NAME`.
+    let bitmaps: [String: DirtyBitmap]
+
     init(node: BlockNode, executor: EventLoopExecutor, readPool: IOThreadPool? = nil, writable: Bool,
-         allocationDepth: Bool) {
+         allocationDepth: Bool, bitmaps: [String: DirtyBitmap] = [:]) {
+        self.bitmaps = bitmaps
         self.gate = Mutex(Gate(node: node))
         self.executor = executor
         self.readPool = readPool
@@ -200,7 +204,15 @@ final class NodeExportBackend: NBDBackend, Sendable {
             let st = try await node.blockStatusAbove(base: nil, at: offset, length: maxLen)
             let depth: UInt32 = st.status.flags.contains(.allocated) ? UInt32(st.depth + 1) : 0
             return [NBDExtent(length: UInt32(clamping: max(1, min(st.status.length, maxLen))), flags: depth)]
-        case .dirtyBitmap:
+        case .dirtyBitmap(let name):
+            guard let b = bitmaps[name] else { return [NBDExtent(length: UInt32(clamping: maxLen), flags: 0)] }
+            // One extent: the dirty run at `offset`, or the clean run up to the next dirty one.
+            if let (start, len) = b.nextDirtyRun(from: offset, maxLength: maxLen + b.granularity) {
+                if start <= offset {
+                    return [NBDExtent(length: UInt32(clamping: max(1, min(start + len - offset, maxLen))), flags: 1)]
+                }
+                return [NBDExtent(length: UInt32(clamping: max(1, min(start - offset, maxLen))), flags: 0)]
+            }
             return [NBDExtent(length: UInt32(clamping: maxLen), flags: 0)]
         }
     }

@@ -121,12 +121,12 @@ func decodeBitmaps(_ path: String) -> [DecodedBitmap] {
 
 /// The dirty map of bitmap `name` as qemu-storage-daemon exports it over
 /// NBD (`nbdinfo --map=qemu:dirty-bitmap:NAME`).
-func qsdDirtyMap(_ path: String, _ name: String) throws -> String {
+func qsdDirtyMap(_ path: String, _ name: String, daemon: String = "qemu-storage-daemon") throws -> String {
     let tmp = TempDir()
     let sock = tmp.file("s")
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = ["qemu-storage-daemon",
+    p.arguments = [daemon,
                    "--blockdev", "driver=file,filename=\(path),node-name=f,read-only=on",
                    "--blockdev", "driver=qcow2,file=f,node-name=q,read-only=on",
                    "--nbd-server", "addr.type=unix,addr.path=\(sock)",
@@ -378,6 +378,9 @@ struct ImgBitmapTests {
             let q = try qsdDirtyMap(twin.q + "/w.qcow2", name)
             let l = try qsdDirtyMap(twin.l + "/w.qcow2", name)
             #expect(q == l, "QSD's view of \(name):\nqemu:\n\(q)\nlamina:\n\(l)")
+            // Lamina's daemon exports the bitmap as QEMU's does.
+            let ld = try qsdDirtyMap(twin.l + "/w.qcow2", name, daemon: productsDirectory + "/lamina-storage-daemon")
+            #expect(ld == q, "lamina-storage-daemon's view of \(name):\n\(ld)\nQSD's:\n\(q)")
             #expect(q.contains("dirty") || name == "b0", "bitmap \(name) has dirty bits: \(q)")
         }
     }
@@ -705,5 +708,32 @@ struct BitmapStoreCrashTests {
         }
         #expect(try run(["qemu-img", "check", img]).status == 0)
         _ = (sawOld, sawNew)
+    }
+}
+
+@Suite("bitmaps exported over NBD: start-up errors")
+struct ExportBitmapErrorTests {
+    /// The same `--export ...,bitmaps.0=NAME` refusals (message, exit code)
+    /// from both daemons.
+    @Test("export bitmap refusals match qemu-storage-daemon", arguments: [
+        ("a.qcow2", "zz", false), ("a.qcow2", "b0", false), ("s.qcow2", "sb", false), ("br.qcow2", "x", true),
+    ])
+    func refusal(_ image: String, _ bitmap: String, _ writable: Bool) throws {
+        let fixture = try ImgBitmapTests.sharedFixture()
+        let twin = try TwinDirs(copying: fixture.path)
+        func start(_ binary: String, _ dir: String) throws -> ProcessResult {
+            var r = try run([binary, "--blockdev", "driver=file,filename=\(image),node-name=f",
+                             "--blockdev", "driver=qcow2,file=f,node-name=q",
+                             "--nbd-server", "addr.type=unix,addr.path=\(dir)/s.sock",
+                             "--export", "nbd,id=e,node-name=q,name=x,writable=\(writable ? "on" : "off"),bitmaps.0=\(bitmap)"],
+                            cwd: dir, timeout: 30)
+            r.stderr = r.stderr.replacingOccurrences(of: "lamina-storage-daemon", with: "qemu-storage-daemon")
+                .replacingOccurrences(of: dir, with: "@DIR@")
+            return r
+        }
+        let q = try start("qemu-storage-daemon", twin.q)
+        let l = try start(productsDirectory + "/lamina-storage-daemon", twin.l)
+        #expect(q.status != 0)
+        expectSameResult(q, l, "export \(bitmap) of \(image)")
     }
 }
