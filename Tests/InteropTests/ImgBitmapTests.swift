@@ -280,6 +280,10 @@ struct ImgBitmapTests {
         one(["--add", "--remove", "--merge", "b0", "a.qcow2", "n0"])
         s.append(([["bitmap", "--clear", "--remove", "a.qcow2", "b0"], ["bitmap", "--add", "a.qcow2", "b0"],
                    ["bitmap", "--add", "a.qcow2", "b2"], ["bitmap", "--merge", "b1", "a.qcow2", "b2"]], "a.qcow2"))
+        // removing every bitmap drops the extension and the autoclear bit
+        s.append(([["bitmap", "--remove", "a.qcow2", "b0"], ["bitmap", "--remove", "a.qcow2", "b1"]], "a.qcow2"))
+        s.append(([["bitmap", "--remove", "a.qcow2", "b0"], ["bitmap", "--remove", "a.qcow2", "b1"],
+                   ["bitmap", "--add", "-g", "16k", "a.qcow2", "again"]], "a.qcow2"))
         // usage errors
         one(["a.qcow2", "b0"])
         one(["--add", "a.qcow2"])
