@@ -370,17 +370,30 @@ extension Qcow2Image {
         return r
     }
 
-    /// Releases clusters that held bitmap structures no longer referenced.
-    /// Damaged pointers (past the end, or at clusters with no refcount) are
-    /// left alone: at worst a leak.
+    /// Releases clusters that held bitmap structures no longer referenced,
+    /// one range at a time. A damaged range (a cluster past the end of the
+    /// file or without a reference) is left alone, with QEMU's message for
+    /// its failed free: at worst a leak.
     func releaseBitmapRangesLocked(_ ranges: [(Int64, Int64)]) async throws(BlockError) {
         let cs = Int64(geo.clusterSize)
-        var seen = Set<Int64>()
+        var queued = Set<Int64>()
         for (off, len) in ranges where len > 0 && off > 0 {
-            for c in (off / cs)...((off + len - 1) / cs) where c * cs < file.length && !seen.contains(c) {
-                seen.insert(c)
-                if try await refcount(c) > 0 { queueFree(c * cs, cs) }
+            let clusters = (off / cs)...((off + len - 1) / cs)
+            var ok = true
+            for c in clusters {
+                if c * cs >= file.length || queued.contains(c) {
+                    ok = false
+                } else if try await refcount(c) == 0 {
+                    ok = false
+                }
+                if !ok { break }
             }
+            guard ok else {
+                FileHandleStderr.write("qcow2_free_clusters failed: Invalid argument\n")
+                continue
+            }
+            for c in clusters { queued.insert(c) }
+            queueFree(clusters.lowerBound * cs, Int64(clusters.count) * cs)
         }
     }
 
