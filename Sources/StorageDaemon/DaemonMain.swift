@@ -8,6 +8,7 @@ import LaminaJSON
 import QMP
 import Qcow2
 import ServerKit
+import Synchronization
 
 /// qemu-storage-daemon's main: processes the options in order, then
 /// serves until `quit` or SIGTERM/SIGINT, and shuts down cleanly (exit 0).
@@ -23,6 +24,7 @@ public final class DaemonMain {
 
     public init(prog: String) {
         self.prog = prog
+        Qcow2Image.programName.withLock { $0 = prog }
         daemon = Daemon(loops: loops)
         qmp = QMPServer(group: loops.group, dispatcher: DaemonDispatcher(daemon: daemon), version: daemon.versionJSON)
         let q = qmp
