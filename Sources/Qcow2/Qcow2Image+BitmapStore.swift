@@ -330,7 +330,7 @@ extension Qcow2Image {
                 dir += e
             }
             let clusters = (Int64(dir.count) + cs - 1) / cs
-            let at = try await allocateContiguousLocked(clusters)
+            let at = try await allocateBitmapClustersLocked(clusters)
             let buf = AlignedBuffer(count: Int(clusters * cs), zeroed: true)
             dir.withUnsafeBytes { buf.bytes.copyMemory(from: $0) }
             try await file.write(at: at, from: UnsafeRawBufferPointer(buf.bytes))
@@ -429,45 +429,22 @@ extension Qcow2Image {
         }
         let tableBytes = Int64(tableSize * 8)
         let clusters = (tableBytes + Int64(cs) - 1) / Int64(cs)
-        let at = try await allocateContiguousLocked(clusters)
+        let at = try await allocateBitmapClustersLocked(clusters)
         let tbuf = AlignedBuffer(count: Int(clusters) * cs, zeroed: true)
         for (i, v) in table.enumerated() { tbuf.setBE64(i, v) }
         try await file.write(at: at, from: UnsafeRawBufferPointer(tbuf.bytes))
         return (at, table)
     }
 
-    /// `count` contiguous clusters with refcount 1 and no user; returns the
-    /// host offset. Single clusters come from the reserve.
-    func allocateContiguousLocked(_ count: Int64) async throws(BlockError) -> Int64 {
+    /// `count` contiguous clusters with refcount 1 and no user, for bitmap
+    /// tables and directories; returns the host offset. Single clusters
+    /// come from the reserve (QEMU's layout after a store).
+    func allocateBitmapClustersLocked(_ count: Int64) async throws(BlockError) -> Int64 {
         if count == 1 {
             let (c, _) = try await allocateClusters(1)
             return c * Int64(geo.clusterSize)
         }
-        var c = try await findFreeCluster(from: freeClusterHint)
-        var attempts = 0
-        search: while true {
-            attempts += 1
-            if attempts > 10000 { throw await corruption("Could not allocate clusters") }
-            for i in 0..<count where try await refcount(c + i) != 0 {
-                c = try await findFreeCluster(from: c + i + 1)
-                continue search
-            }
-            // The refcount blocks for the run may take clusters of it.
-            for i in 0..<count { try await ensureRefblock((c + i) / refblockEntries) }
-            for i in 0..<count where try await refcount(c + i) != 0 {
-                c = try await findFreeCluster(from: c + i + 1)
-                continue search
-            }
-            break
-        }
-        var k = c
-        while k < c + count {
-            let blockEnd = min(c + count, (k / refblockEntries + 1) * refblockEntries)
-            try await setRefcountRun(k, blockEnd - k, 1)
-            k = blockEnd
-        }
-        refcountsNeedSync = true
-        return c * Int64(geo.clusterSize)
+        return try await allocateContiguousLocked(count, asMetadata: false) * Int64(geo.clusterSize)
     }
 
     // MARK: - Operations (qemu-img bitmap, convert --bitmaps)

@@ -30,13 +30,8 @@ extension Qcow2Image {
             if header.nbSnapshots > 0 && header.version < 3 {
                 throw BlockError(.notSupported, errno: 95, "Can't resize a v2 image which has snapshots")
             }
-            if header.autoclearFeatures & Qcow2.autoclearBitmaps != 0, let bm = header.bitmaps, bm.count > 0 {
-                // QEMU 7.2 resizes the persistent bitmaps along with the image;
-                // Lamina cannot rewrite bitmaps yet, so it refuses instead of
-                // leaving bitmaps of the wrong size.
-                throw BlockError(.notSupported, errno: 95,
-                                 "Cannot resize qcow2 with persistent bitmaps: resizing bitmaps is not supported by Lamina yet")
-            }
+            // QEMU's qcow2_truncate_bitmaps_check: no inconsistent bitmap.
+            try checkBitmapsResizableLocked()
             if newSize < oldSize && preallocation != .off {
                 throw BlockError(.invalidArgument, errno: 22, "Preallocation can't be used for shrinking an image")
             }
@@ -116,6 +111,7 @@ extension Qcow2Image {
             }
             header.size = UInt64(newSize)
             setLength(newSize)
+            resizeBitmapsLocked(to: newSize)
         }
     }
 

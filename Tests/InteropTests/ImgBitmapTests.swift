@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 // `lamina-img bitmap`, persistent dirty bitmaps tracked by guest writes,
@@ -124,25 +125,19 @@ func decodeBitmaps(_ path: String) -> [DecodedBitmap] {
 func qsdDirtyMap(_ path: String, _ name: String, daemon: String = "qemu-storage-daemon") throws -> String {
     let tmp = TempDir()
     let sock = tmp.file("s")
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = [daemon,
+    let p = try ChildProcess(["/usr/bin/env", daemon,
                    "--blockdev", "driver=file,filename=\(path),node-name=f,read-only=on",
                    "--blockdev", "driver=qcow2,file=f,node-name=q,read-only=on",
                    "--nbd-server", "addr.type=unix,addr.path=\(sock)",
-                   "--export", "nbd,id=e,node-name=q,name=x,bitmaps.0=\(name)"]
-    p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle.nullDevice
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
+                   "--export", "nbd,id=e,node-name=q,name=x,bitmaps.0=\(name)"])
     defer {
         // The test process may have signals such as SIGTERM blocked, which
         // the child inherits; the daemon is read-only, so SIGKILL it.
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        p.signal(SIGKILL)
+        _ = p.wait()
     }
     for _ in 0..<400 {
-        if FileManager.default.fileExists(atPath: sock) || !p.isRunning { break }
+        if FileManager.default.fileExists(atPath: sock) || p.poll() != nil { break }
         usleep(25_000)
     }
     let r = try run(["nbdinfo", "--map=qemu:dirty-bitmap:\(name)", "nbd+unix:///x?socket=\(sock)"], timeout: 30)
@@ -597,30 +592,25 @@ enum DaemonEnd { case quit, blockdevDel, kill }
 func daemonSession(_ binary: String, dir: String, image: String, io: [String], end: DaemonEnd) throws {
     let qmp = dir + "/qmp.sock", nbd = dir + "/nbd.sock", pidfile = dir + "/d.pid"
     for f in [qmp, nbd, pidfile] { try? FileManager.default.removeItem(atPath: f) }
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: binary.contains("/") ? binary : "/usr/bin/" + binary)
-    p.arguments = ["--chardev", "socket,id=m0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=m0",
+    let p = try ChildProcess([binary.contains("/") ? binary : "/usr/bin/" + binary,
+                   "--chardev", "socket,id=m0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=m0",
                    "--blockdev", "driver=file,filename=\(dir)/\(image),node-name=f",
                    "--blockdev", "driver=qcow2,file=f,node-name=q",
                    "--nbd-server", "addr.type=unix,addr.path=\(nbd)",
-                   "--export", "nbd,id=e,node-name=q,name=x,writable=on", "--pidfile", pidfile]
-    p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle.nullDevice
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
+                   "--export", "nbd,id=e,node-name=q,name=x,writable=on", "--pidfile", pidfile])
     defer {
-        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
-        p.waitUntilExit()
+        p.signal(SIGKILL)
+        _ = p.wait()
     }
     for _ in 0..<800 {
-        if FileManager.default.fileExists(atPath: pidfile) || !p.isRunning { break }
+        if FileManager.default.fileExists(atPath: pidfile) || p.poll() != nil { break }
         usleep(25_000)
     }
     let r = try run(["qemu-io", "-f", "raw"] + io.flatMap { ["-c", $0] } + ["nbd+unix:///x?socket=\(nbd)"], timeout: 60)
     #expect(r.status == 0, "qemu-io over NBD (\(binary)): \(r)")
     switch end {
     case .kill:
-        kill(p.processIdentifier, SIGKILL)
+        p.signal(SIGKILL)
     case .quit:
         #expect(qmpSend(qmp, ["{\"execute\":\"qmp_capabilities\"}", "{\"execute\":\"quit\"}"]), "\(binary): quit")
     case .blockdevDel:
@@ -629,7 +619,7 @@ func daemonSession(_ binary: String, dir: String, image: String, io: [String], e
                               "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"q\"}}",
                               "{\"execute\":\"quit\"}"]), "\(binary): blockdev-del")
     }
-    for _ in 0..<800 where p.isRunning { usleep(25_000) }
+    for _ in 0..<800 where p.poll() == nil { usleep(25_000) }
 }
 
 @Suite("persistent bitmaps in the storage daemon", .serialized)
@@ -681,15 +671,10 @@ struct BitmapStoreCrashTests {
         var sawOld = false, sawNew = false
         for round in 0..<8 {
             let args = round % 2 == 0 ? ["bitmap", "--merge", "b0", img, "b1"] : ["bitmap", "--clear", img, "b1"]
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: laminaImg)
-            p.arguments = args
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try ChildProcess([laminaImg] + args)
             usleep(UInt32.random(in: 5_000...400_000, using: &rng))
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            p.signal(SIGKILL)
+            _ = p.wait()
             let chk = try run(["qemu-img", "check", img])
             #expect(chk.status == 0 || chk.status == 3, "round \(round): \(chk)")
             #expect(!chk.stdout.contains("Data may be corrupted"), "\(chk)")
