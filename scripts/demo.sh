@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Lamina (release) and walks through lamina-img on a backing chain:
-# create, write, info, map, check, compare, convert. Everything happens in a
-# temporary directory that is removed at the end.
+# create, write, info, map, check, compare, convert, then the chain tools:
+# snapshot, bitmap, resize, measure, amend, rebase and commit. Everything
+# happens in a temporary directory that is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh >/dev/null 2>&1 || true
@@ -24,8 +25,25 @@ step "$IMG" check top.qcow2
 step "$IMG" convert -p -O qcow2 top.qcow2 flat.qcow2
 step "$IMG" compare top.qcow2 flat.qcow2
 step "$IMG" info --output=json flat.qcow2
+step "$IMG" snapshot -c before-merge top.qcow2
+step "$IMG" bitmap --add top.qcow2 backup0
+step "$IO" -c "write -P 0xdd 8M 1M" top.qcow2
+step "$IMG" snapshot -l top.qcow2
+step "$IMG" info top.qcow2
+step "$IMG" resize flat.qcow2 +1G
+step "$IMG" measure -O qcow2 flat.qcow2
+step "$IMG" amend -o compat=0.10 flat.qcow2
+step "$IMG" create -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+step "$IMG" rebase -p -b mid.qcow2 -F qcow2 flat.qcow2
+step "$IMG" create -f qcow2 scratch.qcow2 1G
+step "$IMG" create -f qcow2 -b scratch.qcow2 -F qcow2 layer.qcow2
+step "$IO" -c "write -P 0xee 100M 2M" layer.qcow2
+step "$IMG" commit -p layer.qcow2
+step "$IMG" map scratch.qcow2
 if command -v qemu-img >/dev/null; then
     step qemu-img check flat.qcow2
-    step qemu-img compare top.qcow2 flat.qcow2
+    step qemu-img check top.qcow2
+    step qemu-img check scratch.qcow2
+    step qemu-img snapshot -l top.qcow2
 fi
-printf '\nDone: Lamina created, wrote, inspected, flattened and verified a backing chain.\n'
+printf '\nDone: Lamina created, wrote, inspected, flattened, snapshotted, resized, rebased, committed and verified a backing chain.\n'

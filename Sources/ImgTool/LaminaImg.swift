@@ -66,14 +66,14 @@ public enum LaminaImg {
           check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
           commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
           compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
-          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-U] filename [filename2 [...]] output_filename
+          convert [--bitmaps [--skip-broken-bitmaps]] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num_coroutines] [-W] [-U] filename [filename2 [...]] output_filename
           create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
           info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
           map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
-          snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
           measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] filename]
-          resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+          snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
           rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
+          resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
         """
     }
 }
