@@ -212,48 +212,56 @@ extension Qcow2Image {
             return BlockStatus(flags: [], length: end - offset)
         }
         let unit = Int64(geo.subclusterSize)
-        var g = offset
-        var runFlags: BlockStatus.Flags?
-        var runHost: Int64 = 0
-        var runLen: Int64 = 0
-        while g < end {
+        return try await mergedStatus(from: offset, to: end) { g throws(BlockError) in
             let idx = geo.l2Index(g)
             let entry = table.l2Entry(idx, geo)
             let inCluster = geo.offsetInCluster(g)
             let sc = Int(inCluster / unit)
-            let unitEnd = min(g - inCluster + Int64(sc + 1) * unit, end)
-            var flags: BlockStatus.Flags = []
-            var host: Int64 = 0
             let raw = geo.version >= 3 || geo.extendedL2 ? entry : entry & ~Qcow2.oflagZero
             switch geo.subclusterKind(entry: raw, bitmap: table.l2Bitmap(idx, geo), sc: sc) {
             case .normal(let h):
                 if h % cs != Int64(sc) * unit % cs {
                     throw await corruption("Cluster allocation offset \(hex(h - Int64(sc) * unit)) unaligned (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
                 }
-                flags = [.data, .offsetValid]
-                if metadataPreallocation == true { flags.insert(.recurse) }
-                host = h + (inCluster - Int64(sc) * unit)
+                let flags: BlockStatus.Flags = metadataPreallocation == true ? [.data, .offsetValid, .recurse] : [.data, .offsetValid]
+                return (flags, h + (inCluster - Int64(sc) * unit))
             case .zeroAlloc(let h):
-                flags = [.zero, .offsetValid]
-                host = h + (inCluster - Int64(sc) * unit)
+                return ([.zero, .offsetValid], h + (inCluster - Int64(sc) * unit))
             case .unallocatedAlloc(let h):
-                flags = [.offsetValid]
-                host = h + (inCluster - Int64(sc) * unit)
+                return ([.offsetValid], h + (inCluster - Int64(sc) * unit))
             case .zeroPlain:
-                flags = [.zero]
+                return ([.zero], 0)
             case .unallocated:
-                flags = []
+                return ([], 0)
             case .compressed:
-                flags = [.data, .compressed]
+                return ([.data, .compressed], 0)
             case .invalid:
                 throw await corruption("Invalid cluster entry found  (L2 offset: \(hex(l2Off)), L2 index: \(hex(Int64(idx))))")
             }
+        }
+    }
+
+    /// The status of [offset, end) (within one L2 table) as one run: the
+    /// allocation units (subclusters) from `offset` on, each classified by
+    /// `unitStatus` (flags, host offset of the byte at the given guest
+    /// offset), merged while the flags stay equal and, where the host
+    /// offset is valid, the host bytes stay contiguous.
+    func mergedStatus(from offset: Int64, to end: Int64,
+                      _ unitStatus: (Int64) async throws(BlockError) -> (BlockStatus.Flags, Int64)) async throws(BlockError) -> BlockStatus {
+        let unit = Int64(geo.subclusterSize)
+        var g = offset
+        var runFlags: BlockStatus.Flags?
+        var runHost: Int64 = 0
+        var runLen: Int64 = 0
+        while g < end {
+            let (flags, host) = try await unitStatus(g)
             if let rf = runFlags {
                 if rf != flags || (flags.contains(.offsetValid) && host != runHost + runLen) { break }
             } else {
                 runFlags = flags
                 runHost = host
             }
+            let unitEnd = min(alignDown(g, unit) + unit, end)
             runLen += unitEnd - g
             g = unitEnd
         }

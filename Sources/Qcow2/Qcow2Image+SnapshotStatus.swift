@@ -32,43 +32,25 @@ extension Qcow2Image {
         }
         let table = tables[l2Off]!
         let unit = Int64(geo.subclusterSize)
-        var g = offset
-        var runFlags: BlockStatus.Flags?
-        var runHost: Int64 = 0
-        var runLen: Int64 = 0
-        while g < end {
+        return try await mergedStatus(from: offset, to: end) { g throws(BlockError) in
             let idx = geo.l2Index(g)
             let entry = table.be64(idx * geo.l2EntrySize)
             let bitmap = geo.extendedL2 ? table.be64(idx * geo.l2EntrySize + 8) : 0
             let inCluster = geo.offsetInCluster(g)
             let sc = Int(inCluster / unit)
-            let unitEnd = min(g - inCluster + Int64(sc + 1) * unit, end)
-            var flags: BlockStatus.Flags = []
-            var host: Int64 = 0
             let raw = geo.version >= 3 || geo.extendedL2 ? entry : entry & ~Qcow2.oflagZero
             switch geo.subclusterKind(entry: raw, bitmap: bitmap, sc: sc) {
             case .normal(let h):
-                flags = [.data, .offsetValid, .recurse]
-                host = h + (inCluster - Int64(sc) * unit)
+                return ([.data, .offsetValid, .recurse], h + (inCluster - Int64(sc) * unit))
             case .zeroAlloc, .zeroPlain:
-                flags = [.zero]
+                return ([.zero], 0)
             case .unallocatedAlloc, .unallocated:
-                flags = []
+                return ([], 0)
             case .compressed:
-                flags = [.data, .compressed]
+                return ([.data, .compressed], 0)
             case .invalid:
                 throw BlockError(.corrupt, errno: 5, "Invalid cluster entry found in snapshot L2 table \(hex(l2Off))")
             }
-            if let rf = runFlags {
-                if rf != flags || (flags.contains(.offsetValid) && host != runHost + runLen) { break }
-            } else {
-                runFlags = flags
-                runHost = host
-            }
-            runLen += unitEnd - g
-            g = unitEnd
         }
-        let f = runFlags ?? []
-        return BlockStatus(flags: f, length: runLen, hostOffset: runHost, hostNode: f.contains(.offsetValid) ? file : nil)
     }
 }
