@@ -88,16 +88,7 @@ enum AmendCommand {
             throw ToolError(message: "Unknown file format '\(format)'")
         }
         var s = "Amend options for 'qcow2':\n"
-        for spec in amendSpecs.sorted(by: { $0.name < $1.name }) {
-            let type: String
-            switch spec.kind {
-            case .size: type = "<size>"
-            case .number: type = "<num>"
-            case .bool: type = "<bool (on/off)>"
-            case .string: type = "<str>"
-            }
-            s += "  " + pad(spec.name + "=" + type, 22, left: true) + " - " + spec.help + "\n"
-        }
+        for spec in amendSpecs.sorted(by: { $0.name < $1.name }) { s += spec.helpLine }
         out(s)
     }
 

@@ -49,18 +49,7 @@ enum CommitCommand {
         let filename = opts.operands[0]
         guard let mode = CacheMode.parse(cache) else { throw ctx.fail("Invalid cache option: \(cache)") }
         try checkFormat(fmt, filename)
-        var o = ImageOpenOptions()
-        o.format = fmt
-        o.readOnly = false
-        o.unmap = true
-        o.cacheDirect = mode.direct
-        o.noFlush = mode.noFlush
-        let top: BlockNode
-        do throws(BlockError) {
-            top = try await ImageOpener.open(filename, o)
-        } catch {
-            throw ToolError(message: "Could not open '\(filename)': " + error.message)
-        }
+        let top = try await openImage(filename, format: fmt, readOnly: false, cache: mode, unmap: true)
         let prog = Progress(enabled: progress)
         prog.advance(0, max: 100)
         let result = await commit(top: top, filename: filename, baseName: baseName, drop: drop, rate: rate, progress: prog,

@@ -102,8 +102,9 @@ struct CacheMode {
 /// Opens an image for a command, with qemu-img's error phrasing.
 func openImage(_ filename: String, format: String?, readOnly: Bool, forceShare: Bool = false,
                cache: CacheMode? = nil, noBacking: Bool = false, checkMode: Bool = false,
-               noIO: Bool = false) async throws(ToolError) -> BlockNode {
+               noIO: Bool = false, unmap: Bool = false) async throws(ToolError) -> BlockNode {
     var o = ImageOpenOptions()
+    o.unmap = unmap
     o.noIO = noIO
     o.format = format
     o.readOnly = readOnly

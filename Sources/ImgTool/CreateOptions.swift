@@ -12,6 +12,18 @@ struct CreateOptions {
         var kind: Kind
         var help: String
         var defaultValue: String?
+
+        /// The line `-o help` prints for this option.
+        var helpLine: String {
+            let type: String
+            switch kind {
+            case .size: type = "<size>"
+            case .number: type = "<num>"
+            case .bool: type = "<bool (on/off)>"
+            case .string: type = "<str>"
+            }
+            return "  " + pad(name + "=" + type, 22, left: true) + " - " + help + "\n"
+        }
     }
 
     static let fileSpecs: [Spec] = [
@@ -209,16 +221,7 @@ struct CreateOptions {
         } else {
             s = "Supported \(format) options:\n"
         }
-        for spec in specs.sorted(by: { $0.name < $1.name }) {
-            let type: String
-            switch spec.kind {
-            case .size: type = "<size>"
-            case .number: type = "<num>"
-            case .bool: type = "<bool (on/off)>"
-            case .string: type = "<str>"
-            }
-            s += "  " + pad(spec.name + "=" + type, 22, left: true) + " - " + spec.help + "\n"
-        }
+        for spec in specs.sorted(by: { $0.name < $1.name }) { s += spec.helpLine }
         if !withFilename {
             s += "\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n"
         }

@@ -69,18 +69,7 @@ enum RebaseCommand {
         guard let mode = CacheMode.parse(cache) else { throw ctx.fail("Invalid cache option: \(cache)") }
         guard let srcMode = CacheMode.parse(srcCache) else { throw ctx.fail("Invalid source cache option: \(srcCache)") }
         try checkFormat(fmt, filename)
-        var o = ImageOpenOptions()
-        o.format = fmt
-        o.readOnly = false
-        o.noBacking = unsafe
-        o.cacheDirect = mode.direct
-        o.noFlush = mode.noFlush
-        let top: BlockNode
-        do throws(BlockError) {
-            top = try await ImageOpener.open(filename, o)
-        } catch {
-            throw ToolError(message: "Could not open '\(filename)': " + error.message)
-        }
+        let top = try await openImage(filename, format: fmt, readOnly: false, cache: mode, noBacking: unsafe)
         var newBacking: BlockNode?
         var ownsNewBacking = false
         func cleanup() async {
