@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "RawDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         .target(name: "Qcow2", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
         // The job core (QEMU's job.c): lifecycle tables, verbs, progress.
-        .target(name: "BlockJobs", dependencies: ["BlockCore"], swiftSettings: strict),
+        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         .target(
             name: "BlockDrivers",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "FileDriver", "RawDriver", "Qcow2"],

@@ -154,7 +154,7 @@ public enum ImageOpener {
                 bo.checkMode = false
                 do throws(BlockError) {
                     let bnode = try await openChain(full, bo, depth: depth + 1, visited: &visited)
-                    img.setBacking(bnode)
+                    node.setBacking(bnode)
                 } catch {
                     try? await node.close()
                     // QEMU prefixes once per level ("Could not open backing

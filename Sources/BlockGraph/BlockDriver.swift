@@ -61,17 +61,6 @@ public struct WriteFlags: OptionSet, Sendable {
     public static let copyOnRead = WriteFlags(rawValue: 1 << 3)
 }
 
-/// A child edge: the role it plays for its parent (QEMU's BdrvChild).
-public struct BlockChild: Sendable {
-    public enum Role: String, Sendable { case file, backing, dataFile = "data-file" }
-    public var role: Role
-    public var node: BlockNode
-    public init(role: Role, node: BlockNode) {
-        self.role = role
-        self.node = node
-    }
-}
-
 /// The driver contract (QEMU's `BlockDriver`), one for protocol, format and
 /// filter drivers.
 ///
@@ -94,7 +83,12 @@ public protocol BlockDriver: AnyObject, Sendable {
     var memoryAlignment: Int { get }
     /// Protocol drivers whose writes may extend the node (host files).
     var growable: Bool { get }
+    /// The edges to the children the driver uses, in the order they were
+    /// attached (file before backing). The driver reaches its children
+    /// only through these edges (their node can be replaced).
     var children: [BlockChild] { get }
+    /// A filter passes everything to its filtered child (QEMU's is_filter).
+    var isFilter: Bool { get }
     /// Format drivers with a backing file (qcow2): unallocated ranges read
     /// from the backing node, or as zeroes without one.
     var supportsBacking: Bool { get }
@@ -131,11 +125,41 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// Starts writeback of data written so far, without waiting (a hint
     /// that a flush will follow). Default: pass it to the file child.
     func startWriteback() async
+
+    /// Called once the node wrapping the driver exists (its child edges are
+    /// attached). Default: nothing.
+    func attached(to node: BlockNode)
+    /// QEMU's bdrv_child_perm: the permissions this driver takes on
+    /// `child` and shares with others, given what the node's own users
+    /// take (`perm`) and share (`shared`). Default: by the child's role
+    /// (QEMU's bdrv_default_perms).
+    func childPermissions(for child: BlockChild, node: BlockNode, perm: BlockPermissions,
+                          shared: BlockPermissions) -> (BlockPermissions, BlockPermissions)
+    /// QEMU's bdrv_check_perm/bdrv_set_perm for the node itself: what its
+    /// users take and share now. Protocol drivers apply it (image locks);
+    /// throw, changing nothing, when it cannot be granted. Returns how to
+    /// restore the previous state (nil: nothing changed). Default: nothing.
+    func setPermissions(_ perm: BlockPermissions, shared: BlockPermissions) throws(BlockError) -> (@Sendable () -> Void)?
+    /// Filters: forget the filtered child (QEMU's detach of the subchain
+    /// when a filter is dropped); `children` no longer lists it.
+    func removeChild(_ child: BlockChild)
 }
 
 public extension BlockDriver {
     func startWriteback() async {
-        if let f = children.first(where: { $0.role == .file })?.node { await f.startWriteback() }
+        if let f = children.first(where: { $0.name == "file" })?.node { await f.startWriteback() }
+    }
+    var isFilter: Bool { false }
+    func attached(to node: BlockNode) {}
+    func removeChild(_ child: BlockChild) {
+        preconditionFailure("\(formatName) cannot drop its child '\(child.name)'")
+    }
+    func childPermissions(for child: BlockChild, node: BlockNode, perm: BlockPermissions,
+                          shared: BlockPermissions) -> (BlockPermissions, BlockPermissions) {
+        defaultChildPermissions(role: child.role, writable: !node.readOnly, perm: perm, shared: shared)
+    }
+    func setPermissions(_ perm: BlockPermissions, shared: BlockPermissions) throws(BlockError) -> (@Sendable () -> Void)? {
+        nil
     }
     func settleForReadOnly() async throws(BlockError) {}
     func reopenForWriting() async throws(BlockError) {
@@ -152,6 +176,21 @@ public extension BlockDriver {
     func truncate(to length: Int64, preallocation: Preallocation) async throws(BlockError) {
         throw .unsupported("Image format driver does not support resize")
     }
+}
+
+/// Format drivers with a backing file (qcow2): the backing edge is set by
+/// the generic layer (`BlockNode.setBacking`), the name in the header by
+/// `changeBackingFile`.
+public protocol BackingDriver: BlockDriver {
+    /// The backing file name the image header records (nil: none).
+    var backingFileName: String? { get }
+    /// The backing format the header records.
+    var backingFormat: String? { get }
+    /// Installs the backing edge (nil: none). Only `BlockNode.setBacking` calls it.
+    func setBackingChild(_ child: BlockChild?)
+    /// QEMU's bdrv_change_backing_file: rewrites the header's backing file
+    /// name and format (nil: no backing file).
+    func changeBackingFile(_ name: String?, format: String?) async throws(BlockError)
 }
 
 /// Drivers that sit directly on a host file and can say how much of it is

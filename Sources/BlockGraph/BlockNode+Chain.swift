@@ -31,7 +31,7 @@ extension BlockNode {
             }
             bytes = min(bytes, st.length)
             st.length = bytes
-            guard let next = node.backing, next !== base else {
+            guard let next = node.filterOrBacking, next !== base else {
                 return ChainStatus(status: st, depth: depth, node: node)
             }
             node = next
@@ -51,7 +51,7 @@ extension BlockNode {
                 return ChainStatus(status: st, depth: depth, node: node)
             }
             bytes = min(bytes, st.length)
-            guard let next = node.backing else {
+            guard let next = node.filterOrBacking else {
                 return ChainStatus(status: BlockStatus(flags: [], length: bytes), depth: depth, node: node)
             }
             node = next

@@ -94,3 +94,26 @@ public final class IOThreadPool: Sendable {
 
     public func shutdown() { for t in threads { t.shutdown() } }
 }
+
+/// The home of a subtree of block nodes (QEMU's AioContext): the executor
+/// on which the nodes' requests, the exports serving them and the jobs
+/// working on them run, so that none of them hops threads per request;
+/// plus worker threads to which big blocking transfers are fanned out so
+/// that several are in flight at once (QEMU's thread pool).
+public final class IOContext: Sendable {
+    public let executor: any TaskExecutor
+    public let workers: IOThreadPool?
+
+    public init(executor: any TaskExecutor, workers: IOThreadPool?) {
+        self.executor = executor
+        self.workers = workers
+    }
+
+    /// Where the `i`-th of several parallel transfers runs.
+    public func worker(_ i: Int) -> any TaskExecutor {
+        guard let w = workers else { return executor }
+        return w[i]
+    }
+
+    public func shutdown() { workers?.shutdown() }
+}

@@ -139,6 +139,10 @@ public final class Job: Sendable {
         var error: String?
         var speed: UInt64 = 0
         var resumeWaiters: [UnsafeContinuation<Void, Never>] = []
+        /// Drained sections waiting for the body to stop being busy.
+        var idleWaiters: [UnsafeContinuation<Void, Never>] = []
+        /// The body returned.
+        var finished = false
         var ready = false
         /// QAPI BlockDeviceIoStatus: "ok", "failed" or "nospace".
         var ioStatus = "ok"
@@ -148,11 +152,15 @@ public final class Job: Sendable {
 
     /// Set for block jobs (stream, commit...): listed by query-block-jobs.
     public let block: BlockJobInfo?
+    /// A block job's edges into the graph (removed when it is dismissed,
+    /// or earlier by its driver).
+    public let nodes: BlockJobNodes?
 
     init(id: String, driver: any JobDriver, autoFinalize: Bool, autoDismiss: Bool,
-         executor: any TaskExecutor, manager: JobManager, block: BlockJobInfo?) {
+         executor: any TaskExecutor, manager: JobManager, block: BlockJobInfo?, nodes: BlockJobNodes?) {
         self.id = id
         self.block = block
+        self.nodes = nodes
         self.driver = driver
         self.autoFinalize = autoFinalize
         self.autoDismiss = autoDismiss
@@ -198,13 +206,15 @@ public final class Job: Sendable {
         let before = status
         await manager.transition(self, to: before == .ready ? .standby : .paused)
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
-            let resumeNow = shared.withLock { s -> Bool in
-                if s.pauseCount == 0 || s.cancelled { return true }
+            let (resumeNow, idle) = shared.withLock { s -> (Bool, [UnsafeContinuation<Void, Never>]) in
+                if s.pauseCount == 0 || s.cancelled { return (true, []) }
                 s.paused = true
                 s.busy = false
                 s.resumeWaiters.append(c)
-                return false
+                defer { s.idleWaiters = [] }
+                return (false, s.idleWaiters)
             }
+            idle.forEach { $0.resume() }
             if resumeNow { c.resume() }
         }
         shared.withLock {
@@ -212,6 +222,38 @@ public final class Job: Sendable {
             $0.busy = true
         }
         await manager.transition(self, to: before)
+    }
+
+    /// The body is not running requests (asleep, paused or returned).
+    func setNotBusy(finished: Bool = false) {
+        let idle = shared.withLock { s -> [UnsafeContinuation<Void, Never>] in
+            s.busy = false
+            if finished { s.finished = true }
+            defer { s.idleWaiters = [] }
+            return s.idleWaiters
+        }
+        idle.forEach { $0.resume() }
+    }
+
+    /// A drained section over the job's nodes (QEMU's job_pause from
+    /// child_job_drained_begin): the body stops at its next pause point;
+    /// returns once it is not busy.
+    func drainPause() async {
+        shared.withLock { $0.pauseCount += 1 }
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now = shared.withLock { s -> Bool in
+                if !s.busy || s.finished || !s.started { return true }
+                s.idleWaiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    /// The end of that drained section (QEMU's job_resume).
+    func drainResume() {
+        shared.withLock { $0.pauseCount -= 1 }
+        wakeIfNeeded()
     }
 
     /// Wakes a paused body when the pause count dropped to zero or it was cancelled.
@@ -251,7 +293,7 @@ public final class Job: Sendable {
     public func sleep(nanoseconds ns: UInt64) async {
         if ns > 0 {
             // QEMU's job is not busy while it sleeps.
-            shared.withLock { $0.busy = false }
+            setNotBusy()
             defer { shared.withLock { $0.busy = true } }
             let deadline = monotonicNanoseconds() + ns
             let startSpeed = speed

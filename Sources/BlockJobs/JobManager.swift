@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import BlockCore
+import BlockGraph
 import Synchronization
 
 /// The job registry and the lifecycle driver (QEMU's job.c): creation,
@@ -13,7 +14,11 @@ public final class JobManager: Sendable {
     public private(set) var jobs: [Job] = []
     private let sink: @Sendable @ControlActor (JobEvent) -> Void
 
-    public init(sink: @escaping @Sendable @ControlActor (JobEvent) -> Void) {
+    /// The graph block jobs hold edges in.
+    public let graph: Graph?
+
+    public init(graph: Graph? = nil, sink: @escaping @Sendable @ControlActor (JobEvent) -> Void) {
+        self.graph = graph
         self.sink = sink
     }
 
@@ -36,10 +41,15 @@ public final class JobManager: Sendable {
 
     /// Creates a job in state `created` (QEMU's job_create).
     public func create(id: String, driver: any JobDriver, autoFinalize: Bool = true, autoDismiss: Bool = true,
-                       executor: any TaskExecutor, block: BlockJobInfo? = nil, speed: UInt64 = 0) throws(BlockError) -> Job {
+                       executor: any TaskExecutor, block: BlockJobInfo? = nil, nodes: BlockJobNodes? = nil,
+                       speed: UInt64 = 0) throws(BlockError) -> Job {
         try checkNewID(id)
         let job = Job(id: id, driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
-                      executor: executor, manager: self, block: block)
+                      executor: executor, manager: self, block: block, nodes: nodes)
+        if let n = nodes {
+            n.bind(job)
+            graph?.register(job: n)
+        }
         job.setSpeedValue(speed)
         transition(job, to: .created)
         jobs.insert(job, at: 0)
@@ -54,8 +64,8 @@ public final class JobManager: Sendable {
 
     /// QEMU's job_early_fail: a job created but refused before it started
     /// (created, then null).
-    public func discardNew(_ job: Job) {
-        doDismiss(job)
+    public func discardNew(_ job: Job) async {
+        await doDismiss(job)
     }
 
     /// The block jobs (query-block-jobs), newest first.
@@ -84,7 +94,7 @@ public final class JobManager: Sendable {
 
     /// The body returned: QEMU's job_exit / job_completed.
     private func exit(_ job: Job, _ failure: BlockError?) async {
-        job.shared.withLock { $0.busy = false }
+        job.setNotBusy(finished: true)
         var failed = failure != nil
         if let f = failure { job.setError(f.message) }
         if !failed && job.isCancelled {
@@ -109,7 +119,7 @@ public final class JobManager: Sendable {
         await job.driver.abort(job)
         await job.driver.clean(job)
         emit(.cancelled(job))
-        conclude(job)
+        await conclude(job)
     }
 
     /// QEMU 7.2's job_do_finalize: prepare (which may still fail the job),
@@ -125,16 +135,25 @@ public final class JobManager: Sendable {
         await job.driver.commit(job)
         await job.driver.clean(job)
         emit(job.isCancelled ? .cancelled(job) : .completed(job))
-        conclude(job)
+        await conclude(job)
     }
 
-    private func conclude(_ job: Job) {
+    private func conclude(_ job: Job) async {
         transition(job, to: .concluded)
         let started = job.shared.withLock { $0.started }
-        if job.autoDismiss || !started { doDismiss(job) }
+        if job.autoDismiss || !started { await doDismiss(job) }
     }
 
-    private func doDismiss(_ job: Job) {
+    /// QEMU's job_dismiss and the last unref: the job goes, and with it
+    /// its edges into the graph.
+    private func doDismiss(_ job: Job) async {
+        // The edges go first: whoever sees the job's end sees the graph
+        // without them (QEMU does both at once under its big lock).
+        if let n = job.nodes {
+            graph?.unregister(job: n)
+            await n.removeAll()
+            graph?.sweepClosed()
+        }
         transition(job, to: .null)
         jobs.removeAll { $0 === job }
     }
@@ -148,9 +167,9 @@ public final class JobManager: Sendable {
         }
     }
 
-    public func dismiss(_ job: Job) throws(BlockError) {
+    public func dismiss(_ job: Job) async throws(BlockError) {
         try apply(.dismiss, job)
-        doDismiss(job)
+        await doDismiss(job)
     }
 
     public func finalize(_ job: Job) async throws(BlockError) {

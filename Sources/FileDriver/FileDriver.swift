@@ -115,6 +115,16 @@ public final class FileDriver: HostBackedDriver, @unchecked Sendable {
         }
     }
 
+    /// The permission update applies the node's users' permissions as
+    /// image locks (QEMU's raw_check_perm / raw_set_perm).
+    public func setPermissions(_ perm: BlockPermissions, shared: BlockPermissions) throws(BlockError) -> (@Sendable () -> Void)? {
+        guard let old = currentLock else { return nil }
+        let new = ImageLock(perm: perm, shared: shared)
+        if old == new { return nil }
+        try updateLock(new)
+        return { [self] in try? self.updateLock(old) }
+    }
+
     private func grow(to end: Int64) {
         var cur = size.load(ordering: .relaxed)
         while end > cur {

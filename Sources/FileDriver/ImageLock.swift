@@ -1,4 +1,5 @@
 import BlockCore
+import BlockGraph
 import BlockIO
 import CLaminaSys
 
@@ -7,17 +8,7 @@ import CLaminaSys
 /// byte at 200+bit by those who refuse to share it. Open file description
 /// locks make this interoperate with qemu-img, qemu-io and QEMU itself.
 public struct ImageLock: Sendable, Equatable {
-    public struct Permissions: OptionSet, Sendable, Hashable {
-        public let rawValue: UInt8
-        public init(rawValue: UInt8) { self.rawValue = rawValue }
-        public static let consistentRead = Permissions(rawValue: 1 << 0)
-        public static let write = Permissions(rawValue: 1 << 1)
-        public static let writeUnchanged = Permissions(rawValue: 1 << 2)
-        public static let resize = Permissions(rawValue: 1 << 3)
-        public static let all: Permissions = [.consistentRead, .write, .writeUnchanged, .resize]
-
-        static let names = ["consistent read", "write", "write unchanged", "resize"]
-    }
+    public typealias Permissions = BlockPermissions
 
     public var perm: Permissions
     public var shared: Permissions
@@ -51,11 +42,11 @@ public struct ImageLock: Sendable, Equatable {
             let p = Permissions(rawValue: 1 << UInt8(bit))
             if perm.contains(p) && !old.perm.contains(p)
                 && lamina_ofd_getlk(file.fd, 2, ImageLock.sharedBase + Int64(bit), 1) == 1 {
-                throw failure(Permissions.names[bit], shared: false, file.path)
+                throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: false, file.path)
             }
             if !shared.contains(p) && old.shared.contains(p)
                 && lamina_ofd_getlk(file.fd, 2, ImageLock.permBase + Int64(bit), 1) == 1 {
-                throw failure(Permissions.names[bit], shared: true, file.path)
+                throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: true, file.path)
             }
         }
         for bit in 0..<4 {
@@ -79,20 +70,20 @@ public struct ImageLock: Sendable, Equatable {
             let p = Permissions(rawValue: 1 << UInt8(bit))
             if perm.contains(p) {
                 let r = lamina_ofd_setlk(file.fd, 1, ImageLock.permBase + Int64(bit), 1)
-                if r < 0 { throw failure(Permissions.names[bit], shared: false, file.path) }
+                if r < 0 { throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: false, file.path) }
             }
             if !shared.contains(p) {
                 let r = lamina_ofd_setlk(file.fd, 1, ImageLock.sharedBase + Int64(bit), 1)
-                if r < 0 { throw failure(Permissions.names[bit], shared: true, file.path) }
+                if r < 0 { throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: true, file.path) }
             }
         }
         for bit in 0..<4 {
             let p = Permissions(rawValue: 1 << UInt8(bit))
             if perm.contains(p) && lamina_ofd_getlk(file.fd, 2, ImageLock.sharedBase + Int64(bit), 1) == 1 {
-                throw failure(Permissions.names[bit], shared: false, file.path)
+                throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: false, file.path)
             }
             if !shared.contains(p) && lamina_ofd_getlk(file.fd, 2, ImageLock.permBase + Int64(bit), 1) == 1 {
-                throw failure(Permissions.names[bit], shared: true, file.path)
+                throw failure(Permissions(rawValue: 1 << UInt8(bit)).humanNames, shared: true, file.path)
             }
         }
     }

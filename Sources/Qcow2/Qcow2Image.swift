@@ -52,8 +52,10 @@ struct PendingFree {
 /// leaked clusters. For power loss, allocations come from a reserve whose
 /// refcounts were made durable (fdatasync) before use, and frees are
 /// applied only after a flush made the new references durable.
-public final class Qcow2Image: BlockDriver, @unchecked Sendable {
-    public let file: BlockNode
+public final class Qcow2Image: BackingDriver, @unchecked Sendable {
+    /// The edge to the image file (data and metadata).
+    public let fileChild: BlockChild
+    public var file: BlockNode { fileChild.node }
     public let options: Qcow2OpenOptions
     /// Fixed for the life of the image, except that `amend` (with the
     /// image otherwise idle, under `lock`) changes version and refcount order.
@@ -99,7 +101,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     // MARK: Lock-free state
     private let sizeBox: Atomic<Int64>
     private let writableBox: Atomic<Bool>
-    private let backingBox = Mutex<BlockNode?>(nil)
+    private let backingBox = Mutex<BlockChild?>(nil)
     /// The enabled persistent bitmaps that guest writes mark.
     let trackedBitmaps = Mutex<[DirtyBitmap]>([])
     let trackingCount = Atomic<Int>(0)
@@ -109,17 +111,16 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     public var formatName: String { "qcow2" }
     public var length: Int64 { sizeBox.load(ordering: .relaxed) }
     public var children: [BlockChild] {
-        var c = [BlockChild(role: .file, node: file)]
-        if let b = backing { c.append(BlockChild(role: .backing, node: b)) }
-        return c
+        if let b = backingBox.withLock({ $0 }) { return [fileChild, b] }
+        return [fileChild]
     }
 
-    public var backing: BlockNode? { backingBox.withLock { $0 } }
+    public var backing: BlockNode? { backingBox.withLock { $0?.node } }
 
-    /// Attaches (or detaches) the backing node. The caller makes sure no
-    /// request is in flight (drained section).
-    public func setBacking(_ node: BlockNode?) {
-        backingBox.withLock { $0 = node }
+    /// Installs the backing edge (`BlockNode.setBacking`). The caller makes
+    /// sure no request is in flight (drained section).
+    public func setBackingChild(_ child: BlockChild?) {
+        backingBox.withLock { $0 = child }
     }
 
     /// The header as last written (a copy; for info and tools).
@@ -132,7 +133,7 @@ public final class Qcow2Image: BlockDriver, @unchecked Sendable {
     public var version: Int { geo.version }
 
     private init(file: BlockNode, header: Qcow2Header, l1: [UInt64], refTable: [UInt64], options: Qcow2OpenOptions) {
-        self.file = file
+        self.fileChild = BlockChild(name: "file", role: .image, node: file)
         self.header = header
         self.options = options
         self.geo = Qcow2Geometry(header: header)

@@ -4,7 +4,9 @@ import BlockIO
 
 /// The `raw` format driver: the guest sees the file's bytes unchanged.
 public final class RawDriver: BlockDriver, Sendable {
-    public let file: BlockNode
+    /// The edge to the file (the node whose bytes the guest sees).
+    public let fileChild: BlockChild
+    public var file: BlockNode { fileChild.node }
     /// The format was probed, not given: like QEMU, refuse writes that would
     /// make the first sector look like another image format.
     public let probed: Bool
@@ -14,7 +16,8 @@ public final class RawDriver: BlockDriver, Sendable {
     public let size: Int64?
 
     public init(file: BlockNode, probed: Bool = false) {
-        self.file = file
+        // Without a window raw is almost a filter (QEMU's raw_open).
+        self.fileChild = BlockChild(name: "file", role: [.filtered, .primary], node: file)
         self.probed = probed
         self.offset = 0
         self.size = nil
@@ -34,7 +37,7 @@ public final class RawDriver: BlockDriver, Sendable {
                 throw BlockError.invalid("Specified size is not multiple of 512")
             }
         }
-        self.file = file
+        self.fileChild = BlockChild(name: "file", role: [.data, .primary], node: file)
         self.probed = false
         self.offset = offset
         self.size = size
@@ -50,7 +53,18 @@ public final class RawDriver: BlockDriver, Sendable {
     }
     public var requestAlignment: Int { file.driver.requestAlignment }
     public var memoryAlignment: Int { file.driver.memoryAlignment }
-    public var children: [BlockChild] { [BlockChild(role: .file, node: file)] }
+    public var children: [BlockChild] { [fileChild] }
+
+    /// QEMU's raw_child_perm: the default for the role, but write and
+    /// resize only when raw's own users want them.
+    public func childPermissions(for child: BlockChild, node: BlockNode, perm: BlockPermissions,
+                                 shared: BlockPermissions) -> (BlockPermissions, BlockPermissions) {
+        let (dp, s) = defaultChildPermissions(role: child.role, writable: !node.readOnly, perm: perm, shared: shared)
+        var p = dp
+        p.subtract([.write, .resize])
+        p.formUnion(perm.intersection([.write, .resize]))
+        return (p, s)
+    }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
         try await file.read(at: self.offset + offset, into: buffer)

@@ -113,7 +113,7 @@ enum BlockJobCommands {
         ("block-job-resume", blockJobVerb("device") { d, j throws(BlockError) in try await d.jobs.resume(j) }),
         ("block-job-complete", blockJobVerb("device") { d, j throws(BlockError) in try d.jobs.complete(j) }),
         ("block-job-finalize", blockJobVerb("id") { d, j throws(BlockError) in try await d.jobs.finalize(j) }),
-        ("block-job-dismiss", blockJobVerb("id") { d, j throws(BlockError) in try d.jobs.dismiss(j) }),
+        ("block-job-dismiss", blockJobVerb("id") { d, j throws(BlockError) in try await d.jobs.dismiss(j) }),
     ]
 
     static func blockJobVerb(_ key: String,
@@ -218,7 +218,7 @@ extension Daemon {
         var cur = bs
         while let below = cur.backing {
             defer { cur = below }
-            if graph.record(cur)?.jsonFilename != nil {
+            if graph.entry(cur)?.jsonFilename != nil {
                 if name == graph.displayFilename(below) { return below }
                 continue
             }
@@ -242,44 +242,40 @@ extension Daemon {
         return String(cString: p)
     }
 
-    /// QEMU's op blockers: a node a job works on refuses other jobs.
-    func checkNotBusy(_ node: BlockNode) throws(BlockError) {
-        if let type = busyNodes[ObjectIdentifier(node)] {
-            throw BlockError(.busy, errno: EBUSY,
-                             "Node '\(node.nodeName)' is busy: block device is in use by block job: \(type.rawValue)")
-        }
-    }
-
-    func markBusy(_ nodes: [BlockNode], _ type: JobType) {
-        for n in nodes { busyNodes[ObjectIdentifier(n)] = type }
-    }
-
-    func clearBusy(_ nodes: [BlockNode]) {
-        for n in nodes { busyNodes[ObjectIdentifier(n)] = nil }
-    }
-
-    /// Runs `body` with every export drained (QEMU drains the nodes whose
-    /// graph changes; Lamina drains all exports, briefly).
-    func withExportsDrained<T>(_ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
-        let backends = exports.exports.compactMap(\.backend)
-        for b in backends { await b.pause() }
-        defer { for b in backends { b.resume() } }
-        return try await body()
+    /// Runs `body` with `nodes` drained (QEMU's bdrv_drained_begin on
+    /// the nodes a graph change touches).
+    func withDrained<T>(_ nodes: [BlockNode], _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
+        try await graph.drained(nodes, body)
     }
 
     /// Creates and starts a block job (QEMU's block_job_create + job_start).
     /// A negative speed fails after the job was created, as in QEMU
     /// (JOB_STATUS_CHANGE created, then null).
     func startBlockJob(id: String?, driver: any JobDriver, speed: Int64, onError: BlockdevOnError,
-                       autoFinalize: Bool, autoDismiss: Bool) throws(BlockError) -> Job {
+                       autoFinalize: Bool, autoDismiss: Bool) async throws(BlockError) -> Job {
+        let nodes = BlockJobNodes(jobID: id ?? "", type: driver.type)
         let job = try jobs.create(id: id ?? "", driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
                                   executor: jobThreads[jobs.jobs.count], block: BlockJobInfo(onError: onError),
-                                  speed: UInt64(max(0, speed)))
+                                  nodes: nodes, speed: UInt64(max(0, speed)))
         if speed < 0 {
-            jobs.discardNew(job)
+            await jobs.discardNew(job)
             throw BlockError.invalid("Parameter 'speed' expects a non-negative value")
         }
         return job
+    }
+
+    /// QEMU's block_job_add_bdrv for each of `nodes` (edges that only
+    /// block other operations until the job's own filters carry QEMU's
+    /// permissions).
+    func addJobNodes(_ job: Job, _ name: String, _ nodes: [BlockNode]) async throws(BlockError) {
+        for n in nodes {
+            try await job.nodes?.add(name, n, perm: [], shared: .all)
+        }
+    }
+
+    /// QEMU's bdrv_is_root_node: only block backends use the node.
+    static func isRootNode(_ node: BlockNode) -> Bool {
+        node.parents.allSatisfy { $0.parent is BlockBackend }
     }
 }
 

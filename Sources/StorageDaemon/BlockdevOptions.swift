@@ -85,6 +85,12 @@ struct InheritedOptions: Sendable {
     var discardUnmap = false
     var forceShare = false
 
+    /// What the graph records of them.
+    var openOptions: NodeOpenOptions {
+        NodeOpenOptions(cacheDirect: cacheDirect, cacheNoFlush: cacheNoFlush, autoReadOnly: autoReadOnly,
+                        forceShare: forceShare)
+    }
+
     /// The effective values for `o`, falling back to these.
     func resolved(_ o: BlockdevOptions) -> InheritedOptions {
         InheritedOptions(readOnly: o.readOnly ?? readOnly, autoReadOnly: o.autoReadOnly ?? autoReadOnly,

@@ -71,13 +71,13 @@ enum Commands {
         }),
         ("x-debug-query-block-graph", { d, a throws(QMPError) in
             try a.finish()
-            return NodeInfo.graphJSON(d.graph, exports: d.exports.exports.reversed().map { ($0.id, $0.node, $0.writable) })
+            return NodeInfo.graphJSON(d.graph)
         }),
         ("query-jobs", { d, a throws(QMPError) in
             try a.finish()
             return .array(d.jobs.jobs.map { d.jobInfo($0) })
         }),
-        ("job-dismiss", jobVerb { d, j throws(BlockError) in try d.jobs.dismiss(j) }),
+        ("job-dismiss", jobVerb { d, j throws(BlockError) in try await d.jobs.dismiss(j) }),
         ("job-finalize", jobVerb { d, j throws(BlockError) in try await d.jobs.finalize(j) }),
         ("job-pause", jobVerb { d, j throws(BlockError) in try await d.jobs.pause(j) }),
         ("job-resume", jobVerb { d, j throws(BlockError) in try await d.jobs.resume(j) }),

@@ -22,19 +22,16 @@ final class CommitJobDriver: BlockJobDriver {
     let backingFile: String?
     /// `base` was read-only and reopened read-write for the job.
     let reopened: Bool
-    let busy: [BlockNode]
     let daemon: Daemon
 
     static let chunk: Int64 = 512 * 1024
 
-    init(top: BlockNode, base: BlockNode, overlay: BlockNode, backingFile: String?, reopened: Bool,
-         busy: [BlockNode], daemon: Daemon) {
+    init(top: BlockNode, base: BlockNode, overlay: BlockNode, backingFile: String?, reopened: Bool, daemon: Daemon) {
         self.top = top
         self.base = base
         self.overlay = overlay
         self.backingFile = backingFile
         self.reopened = reopened
-        self.busy = busy
         self.daemon = daemon
     }
 
@@ -80,11 +77,10 @@ final class CommitJobDriver: BlockJobDriver {
     }
 
     @ControlActor func clean(_ job: Job) async {
-        daemon.clearBusy(busy)
         if reopened {
             await daemon.reopenReadOnlyWithFile(base)
         }
-        try? daemon.graph.updateLocks()
+        daemon.graph.refreshAll()
     }
 }
 
@@ -98,18 +94,16 @@ final class ActiveCommitJobDriver: BlockJobDriver {
     let top: BlockNode
     let base: BlockNode
     let reopened: Bool
-    let busy: [BlockNode]
     let daemon: Daemon
     let dirty: DirtyBitmap
     private let shouldComplete = Atomic<Bool>(false)
 
     static let chunk: Int64 = 1024 * 1024
 
-    init(top: BlockNode, base: BlockNode, reopened: Bool, busy: [BlockNode], daemon: Daemon) {
+    init(top: BlockNode, base: BlockNode, reopened: Bool, daemon: Daemon) {
         self.top = top
         self.base = base
         self.reopened = reopened
-        self.busy = busy
         self.daemon = daemon
         let granularity = Int64((base.driver as? Qcow2Image)?.clusterSize ?? 65536)
         dirty = DirtyBitmap(size: top.length, granularity: max(4096, granularity))
@@ -232,9 +226,8 @@ final class ActiveCommitJobDriver: BlockJobDriver {
 
     @ControlActor func clean(_ job: Job) async {
         top.removeDirtyBitmap(dirty)
-        daemon.clearBusy(busy)
         // QEMU's mirror leaves the base read-write, pivoted or not.
-        try? daemon.graph.updateLocks()
+        daemon.graph.refreshAll()
     }
 }
 
@@ -251,10 +244,10 @@ extension Daemon {
             throw QMPError(.deviceNotFound, "Device '\(a.device)' not found")
         }
         try await Commands.qmp { () async throws(BlockError) in
-            if !graph.nodeParents(of: bs).isEmpty || streamFiltered.contains(ObjectIdentifier(bs)) {
+            if !Self.isRootNode(bs) {
                 throw BlockError.invalid("Need a root block node")
             }
-            try checkNotBusy(bs)
+            try bs.checkOp(.commitSource)
             var top: BlockNode? = bs
             if a.topNode != nil && a.top != nil {
                 throw BlockError.invalid("'top-node' and 'top' are mutually exclusive")
@@ -293,7 +286,7 @@ extension Daemon {
             var busy: [BlockNode] = []
             var n: BlockNode? = top
             while let c = n {
-                try checkNotBusy(c)
+                try c.checkOp(.commitTarget)
                 busy.append(c)
                 if c === base { break }
                 n = c.backing
@@ -301,7 +294,8 @@ extension Daemon {
             if top === base {
                 throw BlockError.invalid("cannot commit an image into itself")
             }
-            let active = top === bs || !exports.exportsUsing(top).filter(\.writable).isEmpty
+            // QEMU: active commit when someone writes the top (or it is the device).
+            let active = top === bs || top.cumulativePermissions.perm.contains(.write)
             if active && a.backingFile != nil {
                 throw BlockError.invalid(top === bs ? "'backing-file' specified, but 'top' is the active layer"
                                                     : "'backing-file' specified, but 'top' has a writer on it")
@@ -322,25 +316,26 @@ extension Daemon {
             let reopened = base.readOnly
             if reopened {
                 try await base.reopenReadWrite()
-                try? graph.updateLocks()
+                graph.refreshAll()
             }
             let driver: any JobDriver
             if let overlay {
                 driver = CommitJobDriver(top: top, base: base, overlay: overlay, backingFile: a.backingFile,
-                                         reopened: reopened, busy: busy, daemon: self)
+                                         reopened: reopened, daemon: self)
             } else {
-                driver = ActiveCommitJobDriver(top: top, base: base, reopened: reopened, busy: busy, daemon: self)
+                driver = ActiveCommitJobDriver(top: top, base: base, reopened: reopened, daemon: self)
             }
             let job: Job
             do throws(BlockError) {
-                job = try startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
-                                        autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
+                job = try await startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
+                                              autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
+                try await addJobNodes(job, "main node", [bs])
+                try await addJobNodes(job, "intermediate node", busy.filter { $0 !== bs })
             } catch {
                 if let ac = driver as? ActiveCommitJobDriver { top.removeDirtyBitmap(ac.dirty) }
                 if reopened { await reopenReadOnlyWithFile(base) }
                 throw error
             }
-            markBusy(busy, .commit)
             jobs.start(job)
         }
     }
@@ -350,22 +345,20 @@ extension Daemon {
     /// serve the base and the committed layers are dropped.
     func pivotActiveCommit(_ driver: ActiveCommitJobDriver, job: Job) async throws(BlockError) {
         let (top, base) = (driver.top, driver.base)
-        try await withExportsDrained { () async throws(BlockError) in
+        try await withDrained([top]) { () async throws(BlockError) in
             try await driver.copyRemaining(job)
             try await base.flush()
-            // The base takes over the active layer's role (and its
+            // The base takes over the active layer's place (and its
             // top-level reference unless the monitor owns it).
-            let baseRec = graph.record(base)
-            let topRec = graph.record(top)
+            let baseRec = graph.entry(base)
+            let topRec = graph.entry(top)
             if baseRec?.monitorOwned != true { base.retain() }
-            for e in exports.exportsUsing(top) {
-                await e.retarget(to: base, graph: graph)
-            }
+            try await graph.replaceNode(top, with: base)
             if topRec?.monitorOwned != true {
                 try? await top.close()
             }
         }
         graph.sweepClosed()
-        try? graph.updateLocks()
+        graph.refreshAll()
     }
 }

@@ -17,7 +17,9 @@ import Synchronization
 @ControlActor
 public final class Daemon {
     public let loops: DaemonLoops
-    let graph = Graph()
+    /// Every node lives in the main loop's context (QEMU's main
+    /// AioContext); its workers carry big transfers.
+    let graph: Graph
     let nbd: NBDServer
     private(set) var exports: ExportRegistry!
     private(set) var jobs: JobManager!
@@ -26,8 +28,6 @@ public final class Daemon {
     /// Called once by `quit` after the reply went out.
     public var onQuit: @Sendable () -> Void = {}
     private var quitting = false
-    /// Nodes a block job works on, with the job's type (op blockers).
-    var busyNodes: [ObjectIdentifier: JobType] = [:]
     /// Nodes a stream job runs on: QEMU puts its copy-on-read filter node
     /// above them, so they are no longer root nodes for block-commit.
     var streamFiltered: Set<ObjectIdentifier> = []
@@ -36,11 +36,11 @@ public final class Daemon {
 
     public init(loops: DaemonLoops) {
         self.loops = loops
+        self.graph = Graph(context: IOContext(executor: loops.main, workers: IOThreadPool(count: 4, name: "io-worker")))
         self.nbd = NBDServer(loops: loops)
-        self.jobs = JobManager { [weak self] e in self?.jobEvent(e) }
+        self.jobs = JobManager(graph: graph) { [weak self] e in self?.jobEvent(e) }
         self.exports = ExportRegistry(
-            graph: graph, nbd: nbd,
-            executorFor: { [loops] _ in loops.main },
+            graph: graph, nbd: nbd, loop: loops.main,
             onDeleted: { [weak self] id in
                 self?.emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
             })
@@ -51,7 +51,7 @@ public final class Daemon {
         }
         let registry = exports!
         nbd.onExportClosed = { name in
-            Task { @ControlActor in registry.exportClosed(nbdName: name) }
+            Task { @ControlActor in await registry.exportClosed(nbdName: name) }
         }
     }
 
@@ -86,22 +86,17 @@ public final class Daemon {
         guard let rec = graph.find(name) else {
             throw BlockError(.notFound, errno: ENOENT, "Failed to find node with node-name='\(name)'")
         }
-        // QEMU's order: a block backend (export), the op blockers a backing
-        // link sets on its child, monitor ownership, other references.
-        if !exports.exportsUsing(rec.node).isEmpty {
+        // QEMU's qmp_blockdev_del: a block backend, then op blockers
+        // (the newest speaks: a job's, a backing link's), monitor
+        // ownership, other references.
+        if rec.node.hasBackend {
             throw BlockError(.busy, errno: EBUSY, "Node \(name) is in use")
         }
-        // The newest op blocker speaks first: a job's, then the backing link's.
-        if let type = busyNodes[ObjectIdentifier(rec.node)] {
-            throw BlockError(.busy, errno: EBUSY, "Node '\(name)' is busy: block device is in use by block job: \(type.rawValue)")
-        }
-        if let parent = graph.all.first(where: { $0.node.backing === rec.node }) {
-            throw BlockError(.busy, errno: EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.name)'")
-        }
+        try rec.node.checkOp(.driveDel)
         if !rec.monitorOwned {
             throw BlockError.invalid("Node \(name) is not owned by the monitor")
         }
-        if !graph.nodeParents(of: rec.node).isEmpty || jobsUsing(rec.node) {
+        if rec.node.referenceCount > 1 {
             throw BlockError(.busy, errno: EBUSY, "Block device \(name) is in use")
         }
         rec.monitorOwned = false
@@ -112,11 +107,9 @@ public final class Daemon {
             failure = error
         }
         graph.sweepClosed()
-        try? graph.updateLocks()
+        graph.refreshAll()
         if let f = failure { throw f }
     }
-
-    private func jobsUsing(_ node: BlockNode) -> Bool { busyNodes[ObjectIdentifier(node)] != nil }
 
     // MARK: - Jobs
 
@@ -160,7 +153,7 @@ public final class Daemon {
         if quitting { return }
         quitting = true
         await jobs.cancelAllAndWait()
-        exports.removeAll()
+        await exports.removeAll()
         await nbd.stop()
         for rec in graph.all where rec.monitorOwned {
             rec.monitorOwned = false
@@ -177,7 +170,7 @@ public final class Daemon {
             try? await rec.node.flush()
         }
         graph.sweepClosed()
-        exports.readPool.shutdown()
+        graph.context?.shutdown()
         jobThreads.shutdown()
     }
 }

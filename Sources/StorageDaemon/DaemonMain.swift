@@ -102,7 +102,7 @@ public final class DaemonMain {
                     let a = try QAPIInput.fromOption(arg, impliedKey: "type")
                     let eo = try ExportCommands.parseExport(a)
                     try a.finish()
-                    try Commands.qmpSync { () throws(BlockError) in try daemon.exports.add(eo) }
+                    try await Commands.qmp { () async throws(BlockError) in try await daemon.exports.add(eo) }
                 } catch {
                     throw fail("export", arg, error.desc)
                 }

@@ -37,7 +37,7 @@ public final class DaemonDispatcher: QMPDispatcher, Sendable {
                 let d = daemon
                 // qemu-storage-daemon deletes its exports (BLOCK_EXPORT_DELETED)
                 // before quit's answer goes out.
-                d.exports.removeAll()
+                await d.exports.removeAll()
                 // ... and cancels its jobs (BLOCK_JOB_CANCELLED), too.
                 await d.jobs.cancelAllAndWait()
                 return .success(result, afterSend: { Task { @ControlActor in await d.quit() } })

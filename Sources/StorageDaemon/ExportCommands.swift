@@ -29,14 +29,14 @@ enum ExportCommands {
         ("block-export-add", { d, a throws(QMPError) in
             let o = try parseExport(a)
             try a.finish()
-            try Commands.qmpSync { () throws(BlockError) in try d.exports.add(o) }
+            try await Commands.qmp { () async throws(BlockError) in try await d.exports.add(o) }
             return .emptyObject
         }),
         ("block-export-del", { d, a throws(QMPError) in
             let id = try a.string("id")
             let mode = try a.optionalEnumValue("mode", allowed: ["safe", "hard"]) ?? "safe"
             try a.finish()
-            try d.exportDel(id, hard: mode == "hard")
+            try await d.exportDel(id, hard: mode == "hard")
             return .emptyObject
         }),
         ("nbd-server-add", { d, a throws(QMPError) in
@@ -49,14 +49,14 @@ enum ExportCommands {
             if let b = try a.optionalString("bitmap") { o.bitmaps = [b] }
             try a.finish()
             o.id = o.name ?? device
-            try Commands.qmpSync { () throws(BlockError) in try d.exports.add(o) }
+            try await Commands.qmp { () async throws(BlockError) in try await d.exports.add(o) }
             return .emptyObject
         }),
         ("nbd-server-remove", { d, a throws(QMPError) in
             let name = try a.string("name")
             let mode = try a.optionalEnumValue("mode", allowed: ["safe", "hard"]) ?? "safe"
             try a.finish()
-            try d.exportDel(name, hard: mode == "hard")
+            try await d.exportDel(name, hard: mode == "hard")
             return .emptyObject
         }),
         ("query-block-exports", { d, a throws(QMPError) in
@@ -151,13 +151,13 @@ extension Daemon {
 
     func nbdServerStop() async throws(QMPError) {
         if !nbd.isRunning { throw QMPError("NBD server not running") }
-        exports.removeAll()
+        await exports.removeAll()
         await nbd.stop()
     }
 
-    func exportDel(_ id: String, hard: Bool) throws(QMPError) {
+    func exportDel(_ id: String, hard: Bool) async throws(QMPError) {
         do throws(BlockError) {
-            try exports.remove(id: id, hard: hard)
+            try await exports.remove(id: id, hard: hard)
         } catch {
             throw QMPError(.genericError, Commands.qmpDescription(error))
         }

@@ -19,36 +19,26 @@ struct NBDExportOptions: Sendable {
     var legacy = false
 }
 
-/// One block export (QEMU's BlockExport): an NBD export of a node.
+/// One block export (QEMU's BlockExport): an NBD export of a node,
+/// through its block backend (whose root edge follows the node when the
+/// graph changes: a snapshot's overlay, a job's filter, a commit's base).
 @ControlActor
 final class ExportRecord {
     let id: String
     let nbdName: String
-    /// The node served; changes when a snapshot puts an overlay on top.
-    private(set) var node: BlockNode
     let writable: Bool
-    let backend: NodeExportBackend?
+    let backend: NodeExportBackend
     var shuttingDown = false
 
-    init(id: String, nbdName: String, node: BlockNode, writable: Bool, backend: NodeExportBackend? = nil) {
+    init(id: String, nbdName: String, writable: Bool, backend: NodeExportBackend) {
         self.id = id
         self.nbdName = nbdName
-        self.node = node
         self.writable = writable
         self.backend = backend
     }
 
-    /// Serve `newNode` from now on (QEMU moves a BlockBackend's root).
-    func retarget(to newNode: BlockNode, graph: Graph) async {
-        let old = node
-        let user = RootUser(exportID: id, writable: writable)
-        await backend?.retarget(to: newNode)
-        node = newNode
-        let oldKey = ObjectIdentifier(old)
-        graph.rootUsers[oldKey]?.removeAll { $0.exportID == id }
-        if graph.rootUsers[oldKey]?.isEmpty == true { graph.rootUsers[oldKey] = nil }
-        graph.rootUsers[ObjectIdentifier(newNode), default: []].append(user)
-    }
+    /// The node served now.
+    var node: BlockNode { backend.blk.node }
 }
 
 /// The export registry: block-export-add/del, nbd-server-add/remove,
@@ -59,24 +49,21 @@ final class ExportRegistry {
     private(set) var exports: [ExportRecord] = []
     let graph: Graph
     let nbd: NBDServer
-    let executorFor: (BlockNode) -> EventLoopExecutor
+    /// The home loop of the exports' nodes.
+    let loop: EventLoopExecutor
     /// Emits BLOCK_EXPORT_DELETED.
     let onDeleted: (String) -> Void
-    /// I/O threads for export reads (QEMU's thread pool): a connection
-    /// keeps several reads in flight while its loop sends replies.
-    let readPool = IOThreadPool(count: 4, name: "nbd-read")
 
-    init(graph: Graph, nbd: NBDServer, executorFor: @escaping (BlockNode) -> EventLoopExecutor,
-         onDeleted: @escaping (String) -> Void) {
+    init(graph: Graph, nbd: NBDServer, loop: EventLoopExecutor, onDeleted: @escaping (String) -> Void) {
         self.graph = graph
         self.nbd = nbd
-        self.executorFor = executorFor
+        self.loop = loop
         self.onDeleted = onDeleted
     }
 
     func find(_ id: String) -> ExportRecord? { exports.first { $0.id == id } }
 
-    func add(_ o: NBDExportOptions) throws(BlockError) {
+    func add(_ o: NBDExportOptions) async throws(BlockError) {
         if find(o.id) != nil {
             throw BlockError.invalid("Block export id '\(o.id)' is already in use")
         }
@@ -97,22 +84,27 @@ final class ExportRegistry {
             throw BlockError.invalid("NBD server already has export named '\(name)'")
         }
         let bitmaps = try exportBitmaps(o.bitmaps, node: rec.node, writable: o.writable)
-        let user = RootUser(exportID: o.id, writable: o.writable)
-        try graph.checkNewEdge(Graph.rootEdge(user, rec.node))
-        let backend = NodeExportBackend(node: rec.node, executor: executorFor(rec.node), readPool: readPool,
-                                        writable: o.writable,
+        // QEMU's blk_exp_add: consistent read (and write), sharing all but
+        // resize (nbd_export_create forbids resizing an exported node).
+        let blk = BlockBackend(node: rec.node, perm: o.writable ? [.consistentRead, .write] : [.consistentRead],
+                               shared: [.consistentRead, .write, .writeUnchanged])
+        try await graph.attach(blk)
+        let backend = NodeExportBackend(blk: blk, loop: loop, writable: o.writable,
                                         allocationDepth: o.allocationDepth, bitmaps: bitmaps)
-        _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
-                                              writable: o.writable, allocationDepth: o.allocationDepth,
-                                              bitmaps: o.bitmaps))
-        graph.rootUsers[ObjectIdentifier(rec.node), default: []].append(user)
-        try? graph.updateLocks()
-        exports.insert(ExportRecord(id: o.id, nbdName: name, node: rec.node, writable: o.writable, backend: backend), at: 0)
+        do throws(BlockError) {
+            _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
+                                                  writable: o.writable, allocationDepth: o.allocationDepth,
+                                                  bitmaps: o.bitmaps))
+        } catch {
+            await graph.detach(blk)
+            throw error
+        }
+        exports.insert(ExportRecord(id: o.id, nbdName: name, writable: o.writable, backend: backend), at: 0)
     }
 
     /// block-export-del / nbd-server-remove. `hard` disconnects clients;
     /// safe mode refuses while clients are connected.
-    func remove(id: String, hard: Bool) throws(BlockError) {
+    func remove(id: String, hard: Bool) async throws(BlockError) {
         guard let e = find(id), !e.shuttingDown else {
             throw BlockError(.notFound, errno: 2, "Export '\(id)' is not found")
         }
@@ -122,34 +114,31 @@ final class ExportRegistry {
         e.shuttingDown = true
         try? nbd.removeExport(name: e.nbdName, mode: hard ? .hard : .safe)
         if nbd.clientCount(export: e.nbdName) == 0 {
-            finishRemoval(e)
+            await finishRemoval(e)
         }
     }
 
     /// The NBD server reports that a removed export's last client is gone.
-    func exportClosed(nbdName: String) {
+    func exportClosed(nbdName: String) async {
         if let e = exports.first(where: { $0.nbdName == nbdName && $0.shuttingDown }) {
-            finishRemoval(e)
+            await finishRemoval(e)
         }
     }
 
-    private func finishRemoval(_ e: ExportRecord) {
+    private func finishRemoval(_ e: ExportRecord) async {
         guard exports.contains(where: { $0 === e }) else { return }
         exports.removeAll { $0 === e }
-        let key = ObjectIdentifier(e.node)
-        graph.rootUsers[key]?.removeAll { $0.exportID == e.id }
-        if graph.rootUsers[key]?.isEmpty == true { graph.rootUsers[key] = nil }
-        try? graph.updateLocks()
+        await graph.detach(e.backend.blk)
         onDeleted(e.id)
     }
 
     /// nbd-server-stop: every NBD export goes (clients are disconnected).
-    func removeAll() {
+    func removeAll() async {
         for e in exports where !e.shuttingDown {
             e.shuttingDown = true
             try? nbd.removeExport(name: e.nbdName, mode: .hard)
         }
-        for e in exports { finishRemoval(e) }
+        for e in exports { await finishRemoval(e) }
     }
 
     func exportsUsing(_ node: BlockNode) -> [ExportRecord] {

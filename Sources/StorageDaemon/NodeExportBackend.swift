@@ -8,126 +8,46 @@ import NBDServer
 import ServerKit
 import Synchronization
 
-/// Serves an NBD export from a block node (QEMU's NBD export on a
-/// BlockBackend). Requests run on the node's home loop (`executor`); the
-/// node's generic layer does validation, alignment and serialisation.
+/// Serves an NBD export from a block node through its block backend
+/// (QEMU's NBD export on a BlockBackend). Requests run on the node's home
+/// loop (`executor`) and enter the backend's gate (drained sections hold
+/// them); the node's generic layer does validation, alignment and
+/// serialisation.
 final class NodeExportBackend: NBDBackend, Sendable {
+    let blk: BlockBackend
     let executor: EventLoopExecutor
     let writable: Bool
     let allocationDepth: Bool
-
-    private struct Gate {
-        var node: BlockNode
-        var inFlight = 0
-        /// Drained sections open (they nest); requests wait while > 0.
-        var pauseCount = 0
-        var paused: Bool { pauseCount > 0 }
-        var waitingToEnter: [CheckedContinuation<Void, Never>] = []
-        var drained: [CheckedContinuation<Void, Never>] = []
-    }
-    private let gate: Mutex<Gate>
-
-    /// Threads that run reads (nil: reads run on `executor` too).
-    private let readPool: IOThreadPool?
     private let nextReader = Atomic<Int>(0)
     static let pooledReadMinimum = 64 * 1024
 
     /// Persistent dirty bitmaps served as `qemu:dirty-bitmap:NAME`.
     let bitmaps: [String: DirtyBitmap]
 
-    init(node: BlockNode, executor: EventLoopExecutor, readPool: IOThreadPool? = nil, writable: Bool,
-         allocationDepth: Bool, bitmaps: [String: DirtyBitmap] = [:]) {
+    init(blk: BlockBackend, loop: EventLoopExecutor, writable: Bool, allocationDepth: Bool,
+         bitmaps: [String: DirtyBitmap] = [:]) {
+        self.blk = blk
         self.bitmaps = bitmaps
-        self.gate = Mutex(Gate(node: node))
-        self.executor = executor
-        self.readPool = readPool
+        self.executor = loop
         self.writable = writable
         self.allocationDepth = allocationDepth
     }
 
     /// The node requests go to now.
-    var node: BlockNode { gate.withLock { $0.node } }
+    var node: BlockNode { blk.node }
 
-    /// Every request enters (waiting while the export is being moved to
-    /// another node) and leaves; `body` runs on the node current at entry.
     private func request<T>(_ body: (BlockNode) async throws(BlockError) -> T) async throws(BlockError) -> T {
-        var entered: BlockNode? = gate.withLock { g in
-            if g.paused { return nil }
-            g.inFlight += 1
-            return g.node
-        }
-        while entered == nil {
-            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                let resumeNow = gate.withLock { g -> Bool in
-                    if !g.paused { return true }
-                    g.waitingToEnter.append(c)
-                    return false
-                }
-                if resumeNow { c.resume() }
-            }
-            entered = gate.withLock { g in
-                if g.paused { return nil }
-                g.inFlight += 1
-                return g.node
-            }
-        }
-        defer {
-            let done = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
-                g.inFlight -= 1
-                if g.inFlight == 0 && !g.drained.isEmpty {
-                    defer { g.drained = [] }
-                    return g.drained
-                }
-                return []
-            }
-            done.forEach { $0.resume() }
-        }
-        return try await body(entered!)
-    }
-
-    /// Opens a drained section (QEMU's bdrv_drained_begin for this
-    /// export's requests): new requests wait, and this returns once the
-    /// requests in flight have finished. Sections nest.
-    func pause() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now = gate.withLock { g -> Bool in
-                g.pauseCount += 1
-                if g.inFlight == 0 { return true }
-                g.drained.append(c)
-                return false
-            }
-            if now { c.resume() }
-        }
-    }
-
-    /// Closes a drained section; with `newNode`, requests go there from now
-    /// on (QEMU's bdrv_replace_node for the export's BlockBackend).
-    func resume(to newNode: BlockNode? = nil) {
-        let waiters = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
-            if let n = newNode { g.node = n }
-            g.pauseCount -= 1
-            if g.paused { return [] }
-            defer { g.waitingToEnter = [] }
-            return g.waitingToEnter
-        }
-        waiters.forEach { $0.resume() }
-    }
-
-    /// Moves the export to `newNode` in a drained section: requests in
-    /// flight finish on the old node, later ones go to the new node.
-    func retarget(to newNode: BlockNode) async {
-        await pause()
-        resume(to: newNode)
+        try await blk.request(body)
     }
 
     /// Reads are thread-safe in every driver (they may run on any I/O
-    /// thread), so a connection's reads are spread over the pool: the
-    /// loop keeps sending replies while several preads are in flight.
-    /// Small reads stay on the loop: a thread hop would cost them more
-    /// latency (iodepth 1) than it gains.
+    /// thread), so a connection's big reads are spread over the home
+    /// context's workers: the loop keeps sending replies while several
+    /// preads are in flight. Small reads stay on the loop: a thread hop
+    /// would cost them more latency (iodepth 1) than it gains.
     func readExecutor(offset: Int64, length: Int) -> any TaskExecutor {
-        guard let readPool, length >= Self.pooledReadMinimum else { return executor }
-        return readPool[nextReader.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max]
+        guard length >= Self.pooledReadMinimum, let ctx = node.context, ctx.workers != nil else { return executor }
+        return ctx.worker(nextReader.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max)
     }
 
     var size: Int64 { node.length }

@@ -9,7 +9,7 @@ import Qcow2
 @ControlActor
 enum NodeInfo {
     /// QAPI BlockDeviceInfo for one node (QEMU's bdrv_block_device_info).
-    static func blockDeviceInfo(_ rec: NodeRecord, graph: Graph, flat: Bool) async -> JSON {
+    static func blockDeviceInfo(_ rec: GraphEntry, graph: Graph, flat: Bool) async -> JSON {
         let node = rec.node
         var m: [(String, JSON)] = [
             ("file", .string(graph.displayFilename(node))),
@@ -47,7 +47,7 @@ enum NodeInfo {
         }
         let info = await ImageInfo.collect(node)
         guard case .object(var m) = info.json else { return info.json }
-        if let j = graph.record(node)?.jsonFilename, let i = m.firstIndex(where: { $0.0 == "filename" }) {
+        if let j = graph.entry(node)?.jsonFilename, let i = m.firstIndex(where: { $0.0 == "filename" }) {
             m[i].1 = .string(j)
         }
         if !flat, let b = node.backing {
@@ -56,48 +56,21 @@ enum NodeInfo {
         return .object(m)
     }
 
-    /// x-debug-query-block-graph: nodes (block drivers and export
-    /// backends) and edges with the permissions each parent holds.
-    /// Numbered and ordered as QEMU's walk does: block backends (exports)
-    /// in creation order, then nodes in naming order (a node's file is
-    /// named before it, its backing after it), each node's children most
-    /// recently attached first; an id is given at first sight; both lists
-    /// come out reversed (QEMU prepends).
-    static func graphJSON(_ graph: Graph, exports: [(id: String, node: BlockNode, writable: Bool)]) -> JSON {
-        var ids: [ObjectIdentifier: Int] = [:]
-        var nodes: [JSON] = []
-        var edges: [JSON] = []
-        var next = 1
-        func id(_ n: BlockNode) -> Int {
-            if let i = ids[ObjectIdentifier(n)] { return i }
-            let i = next
-            next += 1
-            ids[ObjectIdentifier(n)] = i
-            return i
+    /// x-debug-query-block-graph: the graph's own walk (backends, jobs,
+    /// nodes; QEMU's ids and order) as QAPI XDbgBlockGraph.
+    static func graphJSON(_ graph: Graph) -> JSON {
+        let g = graph.debugGraph()
+        let nodes: [JSON] = g.nodes.map {
+            .object([("id", .int(Int64($0.id))), ("type", .string($0.kind.rawValue)), ("name", .string($0.name))])
         }
-        for e in exports {
-            let backendID = next
-            next += 1
-            nodes.append(.object([("id", .int(Int64(backendID))), ("type", .string("block-backend")), ("name", .string(""))]))
-            let edge = Graph.rootEdge(RootUser(exportID: e.id, writable: e.writable), e.node)
-            edges.append(edgeJSON(parent: backendID, child: id(e.node), edge))
+        let edges: [JSON] = g.edges.map { e in
+            .object([
+                ("parent", .int(Int64(e.parent))), ("child", .int(Int64(e.child))), ("name", .string(e.name)),
+                // QEMU prepends each permission: the list comes out reversed.
+                ("perm", .array(e.perm.qapiNames.reversed().map { .string($0) })),
+                ("shared-perm", .array(e.shared.qapiNames.reversed().map { .string($0) })),
+            ])
         }
-        for rec in graph.all.reversed() {
-            let pid = id(rec.node)
-            nodes.append(.object([("id", .int(Int64(pid))), ("type", .string("block-driver")),
-                                  ("name", .string(rec.name))]))
-            for c in rec.node.children.reversed() {
-                edges.append(edgeJSON(parent: pid, child: id(c.node), graph.edge(parent: rec.node, child: c)))
-            }
-        }
-        return .object([("nodes", .array(nodes.reversed())), ("edges", .array(edges.reversed()))])
-    }
-
-    private static func edgeJSON(parent: Int, child: Int, _ e: GraphEdge) -> JSON {
-        .object([
-            ("parent", .int(Int64(parent))), ("child", .int(Int64(child))), ("name", .string(e.role)),
-            ("perm", .array(e.perm.qapiNames.map { .string($0) })),
-            ("shared-perm", .array(e.shared.qapiNames.map { .string($0) })),
-        ])
+        return .object([("nodes", .array(nodes)), ("edges", .array(edges))])
     }
 }

@@ -34,15 +34,15 @@ struct NodeOpener {
             node = try await opener.open(opts, inherited: InheritedOptions(), monitorOwned: true)
         } catch {
             graph.sweepClosed()
-            try? graph.updateLocks()
+            graph.refreshAll()
             throw error
         }
         do throws(BlockError) {
-            try graph.updateLocks()
+            try graph.refresh([node])
         } catch {
             try? await node.close()
             graph.sweepClosed()
-            try? graph.updateLocks()
+            graph.refreshAll()
             throw error
         }
         return node
@@ -57,7 +57,7 @@ struct NodeOpener {
     }
 
     /// Resolves a child reference: an existing node (retained) or new options.
-    private func child(_ ref: BlockdevRef, parent: InheritedOptions, role: BlockChild.Role,
+    private func child(_ ref: BlockdevRef, parent: InheritedOptions, backing: Bool,
                                 parentName: String?) async throws(BlockError) -> BlockNode {
         switch ref {
         case .reference(let name):
@@ -68,7 +68,7 @@ struct NodeOpener {
             return rec.node
         case .options(let o):
             var inh = parent
-            if role == .backing {
+            if backing {
                 inh.readOnly = true
                 inh.autoReadOnly = false
             }
@@ -98,7 +98,7 @@ struct NodeOpener {
             // raw takes no permission of its own on its file (it passes its
             // parents' through), so a writable raw node over a read-only
             // file may exist, as in QEMU; a writer attaching to it is refused.
-            let file = try await child(r.file, parent: eff, role: .file, parentName: o.nodeName)
+            let file = try await child(r.file, parent: eff, backing: false, parentName: o.nodeName)
             let driver: RawDriver
             if r.offset != nil || r.size != nil {
                 do throws(BlockError) {
@@ -116,7 +116,7 @@ struct NodeOpener {
                 var m: [(String, JSON)] = [("driver", .string("raw")), ("file", graph.fullOptions(file))]
                 if let v = r.offset { m.append(("offset", .int(v))) }
                 if let v = r.size { m.append(("size", .int(v))) }
-                graph.record(node)?.jsonFilename = "json:" + JSON.object(m).compact
+                graph.entry(node)?.jsonFilename = "json:" + JSON.object(m).compact
             }
             do throws(BlockError) {
                 try checkEdges(node)
@@ -132,9 +132,7 @@ struct NodeOpener {
 
     private func register(_ node: BlockNode, _ o: BlockdevOptions, _ eff: InheritedOptions,
                           _ readOnly: Bool, _ monitorOwned: Bool) {
-        var e = eff
-        e.readOnly = readOnly
-        graph.register(node, name: o.nodeName, monitorOwned: monitorOwned, opts: e)
+        graph.register(node, name: o.nodeName, monitorOwned: monitorOwned, options: eff.openOptions)
     }
 
     /// QEMU's bdrv_refresh_filename for null-co: "null-co://" unless
@@ -147,10 +145,10 @@ struct NodeOpener {
         return m.count == 1 ? "null-co://" : "json:" + JSON.object(m).compact
     }
 
+    /// The permission update for a new node's children (QEMU refreshes
+    /// each child's subtree as it is attached).
     private func checkEdges(_ node: BlockNode) throws(BlockError) {
-        for c in node.children {
-            try graph.checkNewEdge(graph.edge(parent: node, child: c))
-        }
+        try graph.refresh(node.children.map(\.node))
     }
 
     private func openFile(_ f: FileOptions, _ eff: InheritedOptions, _ readOnly: inout Bool,
@@ -178,7 +176,7 @@ struct NodeOpener {
     private func openQcow2(_ q: Qcow2Options, _ o: BlockdevOptions, _ eff: InheritedOptions,
                                     _ readOnly: inout Bool, _ policy: NodePolicy,
                                     _ monitorOwned: Bool) async throws(BlockError) -> BlockNode {
-        let file = try await child(q.file, parent: eff, role: .file, parentName: o.nodeName)
+        let file = try await child(q.file, parent: eff, backing: false, parentName: o.nodeName)
         if file.readOnly && !readOnly {
             if eff.autoReadOnly { readOnly = true } else {
                 try? await file.close()
@@ -203,21 +201,22 @@ struct NodeOpener {
             try checkEdges(node)
             switch q.backing {
             case .some(.none):
-                graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: .null)
+                graph.entry(node)?.jsonFilename = graph.jsonFilename(node, file: file, backing: .null)
             case .some(.some(let ref)):
                 let b: BlockNode
                 do throws(BlockError) {
-                    b = try await child(ref, parent: eff, role: .backing, parentName: o.nodeName)
+                    b = try await child(ref, parent: eff, backing: true, parentName: o.nodeName)
                 } catch {
                     if error.message.hasPrefix("Could not open backing file: ") { throw error }
                     throw error.prefixed("Could not open backing file: ")
                 }
-                img.setBacking(b)
+                node.setBacking(b)
+                try graph.refresh([b])
                 // QEMU's bdrv_backing_overridden: a backing node other than
                 // the file the header names (compared as strings) shows up
                 // in a json: filename.
                 if img.backingFileName != b.filename {
-                    graph.record(node)?.jsonFilename = Self.jsonFilename(graph, node, file: file, backing: graph.fullOptions(b))
+                    graph.entry(node)?.jsonFilename = graph.jsonFilename(node, file: file, backing: graph.fullOptions(b))
                 }
             case .none:
                 if let name = img.backingFileName, !name.isEmpty {
@@ -229,13 +228,6 @@ struct NodeOpener {
             throw error
         }
         return node
-    }
-
-    /// QEMU's bdrv_refresh_filename for a qcow2 node whose backing is not
-    /// the one its header names: every option in a json: pseudo-filename.
-    static func jsonFilename(_ graph: Graph, _ node: BlockNode, file: BlockNode, backing: JSON) -> String {
-        "json:" + JSON.object([("backing", backing), ("driver", .string("qcow2")),
-                               ("file", graph.fullOptions(file))]).compact
     }
 
     /// The backing chain named in the image headers, every node implicit.
@@ -257,7 +249,7 @@ struct NodeOpener {
             }
             throw error.prefixed("Could not open backing file: ")
         }
-        img.setBacking(chain)
+        node.setBacking(chain)
         // Name the chain as QEMU does: each layer's file, then the layer, then its backing.
         var layer: BlockNode? = chain
         var inh = eff
@@ -265,10 +257,11 @@ struct NodeOpener {
         inh.autoReadOnly = false
         while let l = layer {
             if let f = l.file, l !== f {
-                graph.register(f, name: nil, monitorOwned: false, opts: inh)
+                graph.register(f, name: nil, monitorOwned: false, options: inh.openOptions)
             }
-            graph.register(l, name: nil, monitorOwned: false, opts: inh)
+            graph.register(l, name: nil, monitorOwned: false, options: inh.openOptions)
             layer = l.backing
         }
+        try graph.refresh([chain])
     }
 }

@@ -75,7 +75,7 @@ extension SnapshotAction {
 /// A prepared snapshot: `overlay` opened and checked, not yet attached.
 @ControlActor
 struct PreparedSnapshot {
-    let old: NodeRecord
+    let old: GraphEntry
     let overlay: BlockNode
     /// The overlay was opened by this action (closed again on abort).
     let openedHere: Bool
@@ -96,16 +96,16 @@ extension Daemon {
                 try? await p.overlay.close()
             }
             graph.sweepClosed()
-            try? graph.updateLocks()
+            graph.refreshAll()
             throw error
         }
         for p in prepared {
             await commitSnapshot(p)
         }
-        try? graph.updateLocks()
+        graph.refreshAll()
     }
 
-    private func lookupOld(device: String?, nodeName: String?) throws(BlockError) -> NodeRecord {
+    private func lookupOld(device: String?, nodeName: String?) throws(BlockError) -> GraphEntry {
         // qemu-storage-daemon has no BlockBackends with names: a device
         // name never matches; node names do.
         if let n = nodeName, let rec = graph.find(n) { return rec }
@@ -114,7 +114,7 @@ extension Daemon {
     }
 
     private func prepareSnapshot(_ action: SnapshotAction, earlier: [PreparedSnapshot]) async throws(BlockError) -> PreparedSnapshot {
-        let old: NodeRecord
+        let old: GraphEntry
         var overlay: BlockNode
         var openedHere = false
         switch action {
@@ -166,9 +166,9 @@ extension Daemon {
             overlay = try await NodeOpener.add(opts, graph: graph)
             openedHere = true
             // Opened by the snapshot, not by blockdev-add: not the monitor's.
-            graph.record(overlay)?.monitorOwned = false
+            graph.entry(overlay)?.monitorOwned = false
             // Its header names the node's image; the open skipped it.
-            graph.record(overlay)?.jsonFilename = nil
+            graph.entry(overlay)?.jsonFilename = nil
         }
         do throws(BlockError) {
             try checkOverlay(overlay, old: old.node, earlier: earlier)
@@ -180,28 +180,25 @@ extension Daemon {
     }
 
     /// The node being snapshotted: not blocked, flushed.
-    private func checkSnapshotSource(_ old: NodeRecord) throws(BlockError) {
-        try checkNotBusy(old.node)
-        if let parent = graph.all.first(where: { $0.node.backing === old.node }) {
-            throw BlockError(.busy, errno: EBUSY,
-                             "Node '\(old.name)' is busy: node is used as backing hd of '\(parent.name)'")
-        }
+    private func checkSnapshotSource(_ old: GraphEntry) throws(BlockError) {
+        // Op blockers: a job's, or the backing link's of an overlay.
+        try old.node.checkOp(.externalSnapshot)
         // Parents other than exports would have to move to the overlay too.
         if let p = graph.nodeParents(of: old.node).first {
             throw BlockError(.notSupported, errno: ENOTSUP,
-                             "Lamina cannot yet snapshot node '\(old.name)' while node '\(p.name)' uses it")
+                             "Lamina cannot yet snapshot node '\(old.name)' while node '\(p.nodeName)' uses it")
         }
     }
 
     private func checkOverlay(_ overlay: BlockNode, old: BlockNode, earlier: [PreparedSnapshot]) throws(BlockError) {
-        let consistentRead = graph.edges(into: overlay).contains { $0.perm.contains(.consistentRead) }
+        let consistentRead = overlay.parents.contains { $0.perm.contains(.consistentRead) }
         if consistentRead || earlier.contains(where: { $0.overlay === overlay }) {
             throw BlockError.invalid("The overlay is already in use")
         }
         if overlay.backing != nil {
             throw BlockError.invalid("The overlay already has a backing image")
         }
-        guard overlay.driver is Qcow2Image else {
+        guard overlay.driver is any BackingDriver else {
             throw BlockError.invalid("The overlay does not support backing images")
         }
         var n: BlockNode? = old
@@ -220,26 +217,26 @@ extension Daemon {
     /// the exports that served the node serve the overlay (drained: no
     /// request is in flight across the switch).
     private func commitSnapshot(_ p: PreparedSnapshot) async {
-        guard let img = p.overlay.driver as? Qcow2Image else { return }
-        // The backing edge holds a reference. A node the monitor owns keeps
-        // the monitor's; a top layer nobody named (an earlier snapshot's
-        // overlay) hands its top-level reference to the edge.
-        if p.old.monitorOwned { p.old.node.retain() }
-        img.setBacking(p.old.node)
+        let old = p.old.node
         // QEMU's names: an overlay blockdev-snapshot-sync opened follows its
         // header (plain filename); one added with "backing": null and then
         // given a backing node is shown with that node in a json: name.
         if p.openedHere {
-            graph.record(p.overlay)?.jsonFilename = nil
+            graph.entry(p.overlay)?.jsonFilename = nil
         } else if let file = p.overlay.file {
-            graph.record(p.overlay)?.jsonFilename = NodeOpener.jsonFilename(graph, p.overlay, file: file,
-                                                                             backing: graph.fullOptions(p.old.node))
+            graph.entry(p.overlay)?.jsonFilename = graph.jsonFilename(p.overlay, file: file, backing: graph.fullOptions(old))
         }
-        for e in exports.exportsUsing(p.old.node) {
-            await e.retarget(to: p.overlay, graph: graph)
+        try? await withDrained([old]) { () async throws(BlockError) in
+            // The backing edge holds a reference. A node the monitor owns
+            // keeps the monitor's; a top layer nobody named (an earlier
+            // snapshot's overlay) hands its top-level reference to the edge.
+            if p.old.monitorOwned { old.retain() }
+            p.overlay.setBacking(old)
+            // QEMU's bdrv_append: the node's users use the overlay now.
+            try await graph.replaceNode(old, with: p.overlay)
         }
         // QEMU's external_snapshot_commit: the old layer becomes read-only,
         // with the file below it when nothing else writes there.
-        await reopenReadOnlyWithFile(p.old.node)
+        await reopenReadOnlyWithFile(old)
     }
 }

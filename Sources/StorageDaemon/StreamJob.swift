@@ -19,18 +19,15 @@ final class StreamJobDriver: BlockJobDriver {
     let backingFile: String?
     /// `top` was read-only and reopened read-write for the job.
     let reopened: Bool
-    /// Nodes marked busy for the job's duration.
-    let busy: [BlockNode]
     let daemon: Daemon
 
     static let chunk: Int64 = 512 * 1024
 
-    init(top: BlockNode, base: BlockNode?, backingFile: String?, reopened: Bool, busy: [BlockNode], daemon: Daemon) {
+    init(top: BlockNode, base: BlockNode?, backingFile: String?, reopened: Bool, daemon: Daemon) {
         self.top = top
         self.base = base
         self.backingFile = backingFile
         self.reopened = reopened
-        self.busy = busy
         self.daemon = daemon
     }
 
@@ -82,12 +79,10 @@ final class StreamJobDriver: BlockJobDriver {
     }
 
     @ControlActor func clean(_ job: Job) async {
-        daemon.clearBusy(busy)
-        daemon.streamFiltered.remove(ObjectIdentifier(top))
         if reopened {
             await daemon.reopenReadOnlyWithFile(top)
         }
-        try? daemon.graph.updateLocks()
+        daemon.graph.refreshAll()
     }
 }
 
@@ -134,7 +129,7 @@ extension Daemon {
         var n: BlockNode? = bs
         var chain: [BlockNode] = []
         while let c = n, c !== base {
-            try checkNotBusy(c)
+            try c.checkOp(.stream)
             chain.append(c)
             n = c.backing
         }
@@ -154,20 +149,19 @@ extension Daemon {
         let reopened = bs.readOnly
         if reopened {
             try await bs.reopenReadWrite()
-            try? graph.updateLocks()
+            graph.refreshAll()
         }
-        let driver = StreamJobDriver(top: bs, base: base, backingFile: a.backingFile, reopened: reopened,
-                                     busy: chain, daemon: self)
+        let driver = StreamJobDriver(top: bs, base: base, backingFile: a.backingFile, reopened: reopened, daemon: self)
         let job: Job
         do throws(BlockError) {
-            job = try startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
-                                    autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
+            job = try await startBlockJob(id: a.jobID, driver: driver, speed: a.speed, onError: a.onError,
+                                          autoFinalize: a.autoFinalize, autoDismiss: a.autoDismiss)
+            try await addJobNodes(job, "main node", [bs])
+            try await addJobNodes(job, "intermediate node", Array(chain.dropFirst()))
         } catch {
             if reopened { await reopenReadOnlyWithFile(bs) }
             throw error
         }
-        markBusy(chain, .stream)
-        streamFiltered.insert(ObjectIdentifier(bs))
         jobs.start(job)
     }
 
@@ -177,7 +171,7 @@ extension Daemon {
     /// in its header, with every export drained across the switch. The
     /// caller has made the data the new chain relies on durable.
     func replaceBacking(of overlay: BlockNode, with base: BlockNode?, backingFile: String?) async throws(BlockError) {
-        guard let img = overlay.driver as? Qcow2Image else { return }
+        guard let img = overlay.driver as? any BackingDriver else { return }
         let old = overlay.backing
         if old === base { return }
         let name = base.map { backingFile ?? graph.displayFilename($0) }
@@ -185,42 +179,34 @@ extension Daemon {
         // read-write for its header update, then read-only again.
         let wasReadOnly = overlay.readOnly
         if wasReadOnly { try await overlay.reopenReadWrite() }
+        // The old chain stays open until the header no longer needs it.
+        old?.retain()
         do throws(BlockError) {
-            try await switchBacking(of: overlay, img: img, from: old, to: base, name: name)
+            try await graph.setBacking(of: overlay, to: base)
+            do throws(BlockError) {
+                try await img.changeBackingFile(name, format: base?.formatName)
+            } catch {
+                if let old { try? await graph.setBacking(of: overlay, to: old) }
+                throw error
+            }
         } catch {
+            try? await old?.close()
             if wasReadOnly { await reopenReadOnlyWithFile(overlay) }
             throw error
         }
+        try? await old?.close()
         if wasReadOnly { await reopenReadOnlyWithFile(overlay) }
         // QEMU's bdrv_backing_overridden: the header now names `name`; a
         // backing node whose file name differs shows in a json: filename.
-        if let rec = graph.record(overlay), let file = overlay.file {
+        if let rec = graph.entry(overlay), let file = overlay.file {
             if let base, let name, name != graph.displayFilename(base) {
-                rec.jsonFilename = NodeOpener.jsonFilename(graph, overlay, file: file, backing: graph.fullOptions(base))
+                rec.jsonFilename = graph.jsonFilename(overlay, file: file, backing: graph.fullOptions(base))
             } else {
                 rec.jsonFilename = nil
             }
         }
         graph.sweepClosed()
-        try? graph.updateLocks()
-    }
-
-    private func switchBacking(of overlay: BlockNode, img: Qcow2Image, from old: BlockNode?, to base: BlockNode?,
-                               name: String?) async throws(BlockError) {
-        try await withExportsDrained { () async throws(BlockError) in
-            base?.retain()
-            img.setBacking(base)
-            do throws(BlockError) {
-                try await img.changeBackingFile(name, format: base?.formatName)
-            } catch {
-                img.setBacking(old)
-                try? await base?.close()
-                throw error
-            }
-            // The overlay's reference to the old chain goes; layers nobody
-            // else holds close, releasing their own backing in turn.
-            try? await old?.close()
-        }
+        graph.refreshAll()
     }
 }
 
@@ -296,11 +282,9 @@ extension Daemon {
     /// nothing else writes there, the file node below it.
     func reopenReadOnlyWithFile(_ node: BlockNode) async {
         try? await node.reopenReadOnly()
-        if let f = node.file, f !== node,
-           !graph.edges(into: f).contains(where: { $0.perm.contains(.write) }) {
+        graph.refreshAll()
+        if let f = node.file, f !== node, !f.parents.contains(where: { $0.perm.contains(.write) }) {
             try? await f.reopenReadOnly()
         }
     }
 }
-
-extension Qcow2Image: BackingFileNamed {}

@@ -1,0 +1,366 @@
+import BlockCore
+import Synchronization
+
+/// The generic request layer (QEMU's block/io.c): every request passes
+/// here before its driver sees it — validation, tracking (for drained
+/// sections and serialisation), alignment for O_DIRECT with serialised
+/// read-modify-write, detect-zeroes, and dirty-bitmap marking.
+extension BlockNode {
+    // MARK: - Dirty tracking
+
+    /// Bitmaps that every write, write-zeroes and discard through this
+    /// node marks (QEMU's bdrv_set_dirty; jobs and, later, user bitmaps).
+    public func addDirtyBitmap(_ b: DirtyBitmap) {
+        dirtyBitmaps.withLock { $0.append(b) }
+    }
+
+    public func removeDirtyBitmap(_ b: DirtyBitmap) {
+        dirtyBitmaps.withLock { $0.removeAll { $0 === b } }
+    }
+
+    @inline(__always)
+    func markDirty(_ offset: Int64, _ length: Int64) {
+        dirtyBitmaps.forEach { $0.mark(offset, length) }
+    }
+
+    // MARK: - Validation
+
+    @inline(__always)
+    private func check(_ offset: Int64, _ length: Int64, write: Bool) throws(BlockError) {
+        if offset < 0 || length < 0 || offset > Int64.max - length {
+            throw BlockError(.outOfRange, errno: 22, "Invalid request offset \(offset) length \(length)")
+        }
+        if write && readOnly {
+            throw BlockError(.permissionDenied, errno: 1, "Block node is read-only")
+        }
+        if offset + length > driver.length && !driver.growable {
+            throw BlockError(.outOfRange, errno: 5, "Request past the end of the node (offset \(offset), length \(length), size \(driver.length))")
+        }
+    }
+
+    private func needsAlignment(_ offset: Int64, _ count: Int, _ base: UnsafeRawPointer?) -> Bool {
+        let a = driver.requestAlignment
+        let m = driver.memoryAlignment
+        if a <= 1 && m <= 1 { return false }
+        if offset % Int64(a) != 0 || count % a != 0 { return true }
+        if let b = base, Int(bitPattern: b) % m != 0 { return true }
+        return false
+    }
+
+    // MARK: - I/O
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        try check(offset, Int64(buffer.count), write: false)
+        if buffer.count == 0 { return }
+        let token = await requests.begin(offset, Int64(buffer.count), serialising: false)
+        defer { requests.end(token) }
+        if needsAlignment(offset, buffer.count, buffer.baseAddress) {
+            try await alignedRead(offset, buffer)
+            return
+        }
+        try await driver.read(at: offset, into: buffer)
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags = []) async throws(BlockError) {
+        try check(offset, Int64(buffer.count), write: true)
+        if buffer.count == 0 { return }
+        defer { markDirty(offset, Int64(buffer.count)) }
+        if policy.detectZeroes != .off, !flags.contains(.copyOnRead), let base = buffer.baseAddress,
+           isZeroMemory(base, buffer.count) {
+            var zflags = flags
+            if policy.detectZeroes == .unmap { zflags.insert(.mayUnmap) }
+            try await writeZeroes(at: offset, length: Int64(buffer.count), flags: zflags)
+            return
+        }
+        if needsAlignment(offset, buffer.count, buffer.baseAddress) {
+            try await alignedWrite(offset, buffer, flags)
+            return
+        }
+        let token = await requests.begin(offset, Int64(buffer.count), serialising: false)
+        defer { requests.end(token) }
+        try await driver.write(at: offset, from: buffer, flags: flags)
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags = []) async throws(BlockError) {
+        try check(offset, length, write: true)
+        if length == 0 { return }
+        defer { markDirty(offset, length) }
+        var flags = flags
+        if !policy.discardUnmap { flags.remove(.mayUnmap) }
+        let a = Int64(driver.requestAlignment)
+        if a > 1 && (offset % a != 0 || length % a != 0) {
+            if flags.contains(.noFallback) { throw BlockError.unsupported("Unaligned zero write needs a fallback") }
+            // Zero the unaligned head and tail with explicit writes.
+            let headEnd = min(alignUp(offset, a), offset + length)
+            let tailStart = max(alignDown(offset + length, a), headEnd)
+            if headEnd > offset { try await writeZeroBuffer(offset, headEnd - offset, flags) }
+            if tailStart > headEnd {
+                let token = await requests.begin(headEnd, tailStart - headEnd, serialising: false)
+                defer { requests.end(token) }
+                try await driver.writeZeroes(at: headEnd, length: tailStart - headEnd, flags: flags)
+            }
+            if offset + length > tailStart { try await writeZeroBuffer(tailStart, offset + length - tailStart, flags) }
+            return
+        }
+        let token = await requests.begin(offset, length, serialising: false)
+        defer { requests.end(token) }
+        try await driver.writeZeroes(at: offset, length: length, flags: flags)
+    }
+
+    private func writeZeroBuffer(_ offset: Int64, _ length: Int64, _ flags: WriteFlags) async throws(BlockError) {
+        let buf = AlignedBuffer(count: Int(length), zeroed: true)
+        try await write(at: offset, from: UnsafeRawBufferPointer(buf.bytes), flags: flags)
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
+        try check(offset, length, write: true)
+        if length == 0 || !policy.discardUnmap { return }
+        defer { markDirty(offset, length) }
+        let token = await requests.begin(offset, length, serialising: false)
+        defer { requests.end(token) }
+        try await driver.discard(at: offset, length: length)
+    }
+
+    public func flush() async throws(BlockError) {
+        if readOnly { return }
+        requests.enterUntracked()
+        defer { requests.leaveUntracked() }
+        try await driver.flush()
+    }
+
+    /// Starts writeback without waiting (see `BlockDriver.startWriteback`).
+    public func startWriteback() async {
+        if readOnly { return }
+        await driver.startWriteback()
+    }
+
+    public func truncate(to length: Int64, preallocation: Preallocation = .off) async throws(BlockError) {
+        if readOnly { throw BlockError(.permissionDenied, errno: 1, "Block node is read-only") }
+        requests.enterUntracked()
+        defer { requests.leaveUntracked() }
+        try await driver.truncate(to: length, preallocation: preallocation)
+    }
+
+    /// This layer's status (QEMU `bdrv_co_block_status`, want_zero=true):
+    /// `allocated` is derived here from data|zero; a `recurse` answer is
+    /// refined by asking the host node whether the range is a hole.
+    public func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
+        let size = driver.length
+        if offset >= size {
+            return BlockStatus(flags: [.eof], length: 0)
+        }
+        let want = min(length, size - offset)
+        if let c = filteredChild {
+            // A filter answers what its filtered child answers.
+            return try await c.node.blockStatus(at: offset, length: want)
+        }
+        var st = try await driver.blockStatus(at: offset, length: want)
+        if st.length > want { st.length = want }
+        if st.length <= 0 { st.length = min(want, 1) }
+        if !st.flags.isDisjoint(with: [.data, .zero]) { st.flags.insert(.allocated) }
+        if st.flags.contains(.recurse), st.flags.contains(.offsetValid), let host = st.hostNode {
+            st.flags.remove(.recurse)
+            if !st.flags.contains(.zero) {
+                let hs = try await host.blockStatus(at: st.hostOffset, length: st.length)
+                if hs.flags.contains(.eof) && hs.length == 0 {
+                    // Past the end of the host file: reads as zeroes.
+                    st.flags.insert(.zero)
+                } else {
+                    if hs.length < st.length { st.length = hs.length }
+                    if hs.flags.contains(.zero) { st.flags.insert(.zero) }
+                }
+            }
+        }
+        st.flags.remove(.recurse)
+        if !st.flags.contains(.allocated) && driver.supportsBacking {
+            // Unallocated: zeroes unless a backing node provides the data.
+            if let b = backing {
+                if offset >= b.length { st.flags.insert(.zero) }
+            } else {
+                st.flags.insert(.zero)
+            }
+        }
+        if offset + st.length >= size { st.flags.insert(.eof) }
+        return st
+    }
+
+    /// Whether `[offset, offset+length)` is allocated in this node or any
+    /// backing node above `base` (exclusive). Returns the answer and how many
+    /// bytes it covers.
+    public func isAllocatedAbove(base: BlockNode?, at offset: Int64, length: Int64) async throws(BlockError) -> (Bool, Int64) {
+        var node: BlockNode? = self
+        var remaining = length
+        while let n = node, n !== base {
+            if offset >= n.length {
+                node = n.filterOrBacking
+                continue
+            }
+            let st = try await n.blockStatus(at: offset, length: remaining)
+            if st.flags.contains(.allocated) { return (true, st.length) }
+            remaining = min(remaining, st.length)
+            node = n.filterOrBacking
+        }
+        return (false, remaining)
+    }
+
+    public func reserveSpace(upTo length: Int64) async throws(BlockError) {
+        if readOnly { return }
+        try await driver.reserveSpace(upTo: length)
+    }
+
+    public func releaseUnusedSpace() async throws(BlockError) {
+        if readOnly { return }
+        try await driver.releaseUnusedSpace()
+    }
+
+    // MARK: - Alignment (O_DIRECT)
+
+    private func alignedRange(_ offset: Int64, _ count: Int) -> (Int64, Int) {
+        let a = Int64(driver.requestAlignment)
+        let start = alignDown(offset, a)
+        let end = alignUp(offset + Int64(count), a)
+        return (start, Int(end - start))
+    }
+
+    private func alignedRead(_ offset: Int64, _ buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        let (start, len) = alignedRange(offset, buffer.count)
+        let bounce = AlignedBuffer(count: len, alignment: max(driver.memoryAlignment, 4096))
+        // Reads of the padding past the end of a non-growable node are not allowed.
+        try await driver.read(at: start, into: bounce.bytes)
+        buffer.copyMemory(from: UnsafeRawBufferPointer(bounce.slice(Int(offset - start), buffer.count)))
+    }
+
+    private func alignedWrite(_ offset: Int64, _ buffer: UnsafeRawBufferPointer, _ flags: WriteFlags) async throws(BlockError) {
+        let (start, len) = alignedRange(offset, buffer.count)
+        let bounce = AlignedBuffer(count: len, alignment: max(driver.memoryAlignment, 4096))
+        let isRMW = start != offset || len != buffer.count
+        let token = await requests.begin(start, Int64(len), serialising: isRMW)
+        defer { requests.end(token) }
+        if isRMW {
+            try await driver.read(at: start, into: bounce.bytes)
+        }
+        bounce.slice(Int(offset - start), buffer.count).copyMemory(from: buffer)
+        try await driver.write(at: start, from: UnsafeRawBufferPointer(bounce.bytes), flags: flags)
+    }
+}
+
+/// The dirty bitmaps a node marks: a lock-free emptiness check keeps the
+/// write path at one atomic load when there are none.
+final class DirtyBitmapList: Sendable {
+    private let list = Mutex<[DirtyBitmap]>([])
+    private let count = Atomic<Int>(0)
+
+    func withLock<T>(_ body: (inout [DirtyBitmap]) -> T) -> T {
+        list.withLock { l in
+            defer { count.store(l.count, ordering: .releasing) }
+            return body(&l)
+        }
+    }
+
+    @inline(__always)
+    func forEach(_ body: (DirtyBitmap) -> Void) {
+        if count.load(ordering: .acquiring) == 0 { return }
+        for b in list.withLock({ $0 }) { body(b) }
+    }
+}
+
+/// QEMU's tracked requests: every request of a node is registered while
+/// it runs, so that drained sections can wait for them and serialising
+/// requests (read-modify-write, copy-on-read) never overlap another
+/// request. A serialising request waits for every overlapping request; any
+/// request waits for overlapping serialising ones.
+final class RequestTracker: Sendable {
+    private struct Entry {
+        var id: UInt64
+        var start: Int64
+        var end: Int64
+        var serialising: Bool
+        var waiters: [UnsafeContinuation<Void, Never>] = []
+    }
+
+    private struct State {
+        var next: UInt64 = 1
+        var entries: [Entry] = []
+        var serialisingCount = 0
+        /// Requests in flight, tracked or not (flush, truncate).
+        var inFlight = 0
+        var idleWaiters: [UnsafeContinuation<Void, Never>] = []
+
+        mutating func takeIdleWaiters() -> [UnsafeContinuation<Void, Never>] {
+            guard inFlight == 0, !idleWaiters.isEmpty else { return [] }
+            defer { idleWaiters = [] }
+            return idleWaiters
+        }
+    }
+
+    private let state = Mutex(State())
+
+    /// Registers a request, first waiting for overlapping requests that
+    /// conflict with it. Returns the token for `end`.
+    func begin(_ start: Int64, _ length: Int64, serialising: Bool) async -> UInt64 {
+        let end = start + length
+        while true {
+            // The common case (nothing serialising anywhere) takes the lock once.
+            let id = state.withLock { s -> UInt64? in
+                if s.serialisingCount > 0 || serialising {
+                    for e in s.entries where e.start < end && start < e.end && (serialising || e.serialising) {
+                        return nil
+                    }
+                }
+                let id = s.next
+                s.next += 1
+                s.entries.append(Entry(id: id, start: start, end: end, serialising: serialising))
+                if serialising { s.serialisingCount += 1 }
+                s.inFlight += 1
+                return id
+            }
+            if let id { return id }
+            await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+                let resumeNow = state.withLock { s -> Bool in
+                    guard let i = s.entries.firstIndex(where: {
+                        $0.start < end && start < $0.end && (serialising || $0.serialising)
+                    }) else { return true }
+                    s.entries[i].waiters.append(c)
+                    return false
+                }
+                if resumeNow { c.resume() }
+            }
+        }
+    }
+
+    func end(_ id: UInt64) {
+        let (waiters, idle) = state.withLock { s -> ([UnsafeContinuation<Void, Never>], [UnsafeContinuation<Void, Never>]) in
+            guard let i = s.entries.lastIndex(where: { $0.id == id }) else { return ([], []) }
+            let e = s.entries.remove(at: i)
+            if e.serialising { s.serialisingCount -= 1 }
+            s.inFlight -= 1
+            return (e.waiters, s.takeIdleWaiters())
+        }
+        for w in waiters { w.resume() }
+        for w in idle { w.resume() }
+    }
+
+    func enterUntracked() { state.withLock { $0.inFlight += 1 } }
+
+    func leaveUntracked() {
+        let idle = state.withLock { s -> [UnsafeContinuation<Void, Never>] in
+            s.inFlight -= 1
+            return s.takeIdleWaiters()
+        }
+        for w in idle { w.resume() }
+    }
+
+    var inFlight: Int { state.withLock { $0.inFlight } }
+
+    /// Returns once no request is in flight (new ones may start after).
+    func waitIdle() async {
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now = state.withLock { s -> Bool in
+                if s.inFlight == 0 { return true }
+                s.idleWaiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+import BlockCore
+
+/// Changes of the graph's shape (QEMU's bdrv_replace_node, bdrv_append,
+/// bdrv_drop_filter, bdrv_set_backing_hd) and the drained sections they
+/// run in. Every change is followed by the permission update; a change
+/// that cannot be granted is undone.
+extension Graph {
+    // MARK: - Drained sections
+
+    /// Runs `body` with `nodes` drained (QEMU's bdrv_drained_begin/end):
+    /// every backend and job above them stops sending requests and the
+    /// requests in flight in them finish first. `except` is the caller,
+    /// when a job drains its own nodes.
+    public func drained<T>(_ nodes: [BlockNode], except: (any BlockParent)? = nil,
+                           _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
+        var seenNodes = Set<ObjectIdentifier>()
+        var seenParents = Set<ObjectIdentifier>()
+        var visited: [BlockNode] = []
+        var quiesced: [any BlockParent] = []
+        func walk(_ n: BlockNode) {
+            guard seenNodes.insert(ObjectIdentifier(n)).inserted else { return }
+            visited.append(n)
+            for e in n.parents {
+                guard let p = e.parent else { continue }
+                if let pn = p as? BlockNode {
+                    walk(pn)
+                } else if p !== except, seenParents.insert(ObjectIdentifier(p)).inserted {
+                    quiesced.append(p)
+                }
+            }
+        }
+        nodes.forEach(walk)
+        for p in quiesced { await p.drainBegin() }
+        for n in visited { await n.requests.waitIdle() }
+        defer { for p in quiesced.reversed() { p.drainEnd() } }
+        return try await body()
+    }
+
+    // MARK: - Replacing nodes
+
+    /// QEMU's should_update_child: an edge is moved unless it stays at its
+    /// node (a job's) or its parent lies below `to` (moving it would make
+    /// a loop: `to`'s own edge to `from`).
+    static func shouldMove(_ edge: BlockChild, to: BlockNode) -> Bool {
+        guard let p = edge.parent, !p.staysAtNode else { return false }
+        var queue = [to]
+        var seen = Set([ObjectIdentifier(to)])
+        while let v = queue.popLast() {
+            for c in v.children {
+                if c === edge { return false }
+                if seen.insert(ObjectIdentifier(c.node)).inserted { queue.append(c.node) }
+            }
+        }
+        return true
+    }
+
+    /// QEMU's bdrv_replace_node: the users of `from` use `to` from now on
+    /// (edges that stay, and `to`'s own path to `from`, excepted); then
+    /// the permissions of both subtrees are refreshed. On failure every
+    /// edge is moved back. The caller drains `from`.
+    public func replaceNode(_ from: BlockNode, with to: BlockNode) async throws(BlockError) {
+        let moved = from.parents.filter { Self.shouldMove($0, to: to) }
+        for e in moved {
+            to.retain()
+            e.setNode(to)
+        }
+        do throws(BlockError) {
+            try PermissionUpdate.refresh([from, to])
+        } catch {
+            for e in moved {
+                e.setNode(from)
+                try? await to.close()
+            }
+            try? PermissionUpdate.refresh([from, to])
+            throw error
+        }
+        // Each moved edge's reference of `from` is dropped.
+        for _ in moved { try? await from.close() }
+    }
+
+    /// QEMU's bdrv_insert_node / bdrv_append for a filter whose filtered
+    /// edge already points at `node`: the filter takes `node`'s place for
+    /// all of `node`'s users, in a drained section.
+    public func insertFilter(_ filter: BlockNode, above node: BlockNode) async throws(BlockError) {
+        try await drained([node]) { () async throws(BlockError) in
+            try await replaceNode(node, with: filter)
+        }
+    }
+
+    /// QEMU's bdrv_drop_filter (then bdrv_unref): the filter's users go
+    /// back to the node below it, the filter lets go of that node, and the
+    /// caller's reference of the filter is dropped. Loosening only: it
+    /// cannot fail.
+    public func dropFilter(_ filter: BlockNode) async {
+        guard let edge = filter.filteredChild else { return }
+        let below = edge.node
+        _ = try? await drained([filter]) { () async throws(BlockError) in
+            let moved = filter.parents.filter { Self.shouldMove($0, to: below) }
+            for e in moved {
+                below.retain()
+                e.setNode(below)
+            }
+            filter.driver.removeChild(edge)
+            edge.detach()
+            try? PermissionUpdate.refresh([below])
+            for _ in moved { try? await filter.close() }
+            try? await below.close()
+        }
+        try? await filter.close()
+        sweepClosed()
+    }
+
+    // MARK: - Backing files
+
+    /// QEMU's bdrv_set_backing_hd: `overlay`'s backing node becomes `new`
+    /// (nil: none) in a drained section; permissions are refreshed (and the
+    /// old link restored if they cannot be granted); the old backing node's
+    /// reference is dropped. Only the in-memory link changes: the header is
+    /// the caller's.
+    public func setBacking(of overlay: BlockNode, to new: BlockNode?) async throws(BlockError) {
+        let old = overlay.backing
+        if old === new { return }
+        try await drained([overlay]) { () async throws(BlockError) in
+            new?.retain()
+            let oldEdge = overlay.setBacking(new)
+            do throws(BlockError) {
+                try PermissionUpdate.refresh([overlay])
+            } catch {
+                let added = overlay.setBacking(oldEdge?.node)
+                if let o = oldEdge?.node { o.retain() }
+                // The failed edge's reference goes; the restored edge took one.
+                try? await added?.node.close()
+                try? await oldEdge?.node.close()
+                try? PermissionUpdate.refresh([overlay])
+                throw error
+            }
+            if let o = oldEdge?.node {
+                try? PermissionUpdate.refresh([o])
+                try? await o.close()
+            }
+        }
+        sweepClosed()
+    }
+
+    // MARK: - x-debug-query-block-graph
+
+    /// One node of `debugGraph()`.
+    public struct DebugNode: Sendable {
+        public enum Kind: String, Sendable { case blockBackend = "block-backend", blockJob = "block-job", blockDriver = "block-driver" }
+        public var id: Int
+        public var kind: Kind
+        public var name: String
+    }
+
+    /// One edge of `debugGraph()`.
+    public struct DebugEdge: Sendable {
+        public var parent: Int
+        public var child: Int
+        public var name: String
+        public var perm: BlockPermissions
+        public var shared: BlockPermissions
+    }
+
+    /// QEMU's bdrv_get_xdbg_block_graph: backends in creation order, jobs,
+    /// then nodes in naming order, each with its edges (a node's newest
+    /// child first); ids are given at first sight. The lists come out
+    /// reversed, as QEMU prepends.
+    public func debugGraph() -> (nodes: [DebugNode], edges: [DebugEdge]) {
+        var ids: [ObjectIdentifier: Int] = [:]
+        var nodes: [DebugNode] = []
+        var edges: [DebugEdge] = []
+        func id(_ o: AnyObject) -> Int {
+            if let i = ids[ObjectIdentifier(o)] { return i }
+            let i = ids.count + 1
+            ids[ObjectIdentifier(o)] = i
+            return i
+        }
+        func edge(_ parent: AnyObject, _ c: BlockChild) {
+            edges.append(DebugEdge(parent: id(parent), child: id(c.node), name: c.name, perm: c.perm, shared: c.shared))
+        }
+        for b in backends {
+            nodes.append(DebugNode(id: id(b), kind: .blockBackend, name: b.name ?? ""))
+            edge(b, b.root)
+        }
+        for j in jobs {
+            nodes.append(DebugNode(id: id(j), kind: .blockJob, name: j.jobID))
+            for c in j.edges { edge(j, c) }
+        }
+        for n in self.nodes where !n.isClosed {
+            nodes.append(DebugNode(id: id(n), kind: .blockDriver, name: n.nodeName))
+            for c in n.children.reversed() { edge(n, c) }
+        }
+        return (nodes.reversed(), edges.reversed())
+    }
+}

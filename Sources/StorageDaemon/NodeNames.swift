@@ -1,0 +1,32 @@
+import BlockCore
+import BlockGraph
+import LaminaJSON
+
+/// QEMU's node file names (bdrv_refresh_filename): a plain file name when
+/// the node's options can be told from it, else a "json:{...}" name with
+/// the options.
+extension Graph {
+    /// The node's options as QEMU's json: filenames embed them.
+    func fullOptions(_ node: BlockNode) -> JSON {
+        if let j = entry(node)?.jsonFilename, let v = try? JSON.parse(String(j.dropFirst(5))) {
+            return v
+        }
+        if node.filename.hasPrefix("json:"), let v = try? JSON.parse(String(node.filename.dropFirst(5))) {
+            return v
+        }
+        if node.formatName == "file" {
+            return .object([("driver", .string("file")), ("filename", .string(node.filename))])
+        }
+        if let f = node.file, f !== node {
+            return .object([("driver", .string(node.formatName)), ("file", fullOptions(f))])
+        }
+        return .object([("driver", .string(node.formatName)), ("filename", .string(node.filename))])
+    }
+
+    /// The json: name of a qcow2 node whose backing is not the one its
+    /// header names: every option in it.
+    func jsonFilename(_ node: BlockNode, file: BlockNode, backing: JSON) -> String {
+        "json:" + JSON.object([("backing", backing), ("driver", .string("qcow2")),
+                               ("file", fullOptions(file))]).compact
+    }
+}
