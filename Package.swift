@@ -36,8 +36,16 @@ let package = Package(
         .target(name: "FileDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
         .target(name: "RawDriver", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         .target(name: "Qcow2", dependencies: ["BlockCore", "BlockIO", "BlockGraph", "CLaminaSys"], swiftSettings: strict),
-        // The job core (QEMU's job.c): lifecycle tables, verbs, progress.
-        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
+        // The copy engine every job copies with (chunked, bitmap-driven, rate-limited).
+        .target(name: "BlockCopy", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
+        // The copy-on-read filter driver (block-stream inserts one).
+        .target(name: "CopyOnReadDriver", dependencies: ["BlockCore", "BlockGraph"], swiftSettings: strict),
+        // The job core (QEMU's job.c) and the block jobs: stream, commit, create, transactions.
+        .target(
+            name: "BlockJobs",
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockCopy", "CopyOnReadDriver"],
+            swiftSettings: strict
+        ),
         .target(
             name: "BlockDrivers",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "FileDriver", "RawDriver", "Qcow2"],
@@ -80,7 +88,7 @@ let package = Package(
             name: "StorageDaemon",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "ImgTool", "CLaminaSys",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs", "ImgTool", "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],

@@ -52,13 +52,69 @@ public struct WriteFlags: OptionSet, Sendable {
     public static let mayUnmap = WriteFlags(rawValue: 1 << 1)
     /// write-zeroes must be fast or fail with notSupported (NBD FAST_ZERO).
     public static let noFallback = WriteFlags(rawValue: 1 << 2)
-    /// Copy-on-read / stream population (QEMU's BDRV_REQ_COPY_ON_READ
-    /// write half): write only the clusters still unallocated in this
-    /// layer, checked atomically with concurrent writes, and leave the
-    /// others as they are (a guest write there is newer). Formats with a
-    /// backing file implement it; the data must equal what the layer reads
-    /// now (it comes from the backing chain).
-    public static let copyOnRead = WriteFlags(rawValue: 1 << 3)
+    /// QEMU's BDRV_REQ_WRITE_COMPRESSED: whole clusters (the image's last
+    /// may be partial), not allocated yet, written compressed. Only
+    /// drivers whose `supportedWriteFlags` contain it get it.
+    public static let compressed = WriteFlags(rawValue: 1 << 3)
+}
+
+/// Flags of a read (QEMU's BdrvRequestFlags for reads).
+public struct ReadFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// QEMU's BDRV_REQ_COPY_ON_READ: what the node reads from its backing
+    /// chain is written into the node, atomically with other requests
+    /// (the generic layer serialises the clusters it covers).
+    public static let copyOnRead = ReadFlags(rawValue: 1 << 0)
+}
+
+/// A driver's transfer limits (QEMU's BlockLimits); 0 means no limit. The
+/// generic layer splits requests to honour them; a node also honours the
+/// limits of the children that hold its data.
+public struct BlockLimits: Sendable, Equatable {
+    public var maxTransfer: Int64 = 0
+    public var maxWriteZeroes: Int64 = 0
+    public var maxDiscard: Int64 = 0
+    public init(maxTransfer: Int64 = 0, maxWriteZeroes: Int64 = 0, maxDiscard: Int64 = 0) {
+        self.maxTransfer = maxTransfer
+        self.maxWriteZeroes = maxWriteZeroes
+        self.maxDiscard = maxDiscard
+    }
+
+    /// QEMU's bdrv_merge_limits: the stricter of each.
+    public func merged(with o: BlockLimits) -> BlockLimits {
+        func m(_ a: Int64, _ b: Int64) -> Int64 { a == 0 ? b : (b == 0 ? a : min(a, b)) }
+        return BlockLimits(maxTransfer: m(maxTransfer, o.maxTransfer), maxWriteZeroes: m(maxWriteZeroes, o.maxWriteZeroes),
+                           maxDiscard: m(maxDiscard, o.maxDiscard))
+    }
+}
+
+/// QEMU's BlockDriverInfo: what `bdrv_get_info` answers.
+public struct BlockDriverInfo: Sendable, Equatable {
+    /// The allocation unit (copy-on-read rounds to it); 0: none.
+    public var clusterSize: Int
+    public init(clusterSize: Int) { self.clusterSize = clusterSize }
+}
+
+/// QAPI BlkdebugEvent: points in drivers where the blkdebug filter below
+/// them can inject errors (QEMU's BLKDBG_EVENT).
+public enum BlkdebugEvent: String, Sendable, CaseIterable {
+    case l1Update = "l1_update", l1GrowAllocTable = "l1_grow_alloc_table", l1GrowWriteTable = "l1_grow_write_table"
+    case l1GrowActivateTable = "l1_grow_activate_table", l2Load = "l2_load", l2Update = "l2_update"
+    case l2UpdateCompressed = "l2_update_compressed", l2AllocCowRead = "l2_alloc_cow_read", l2AllocWrite = "l2_alloc_write"
+    case readAio = "read_aio", readBackingAio = "read_backing_aio", readCompressed = "read_compressed", writeAio = "write_aio"
+    case writeCompressed = "write_compressed", vmstateLoad = "vmstate_load", vmstateSave = "vmstate_save", cowRead = "cow_read"
+    case cowWrite = "cow_write", reftableLoad = "reftable_load", reftableGrow = "reftable_grow", reftableUpdate = "reftable_update"
+    case refblockLoad = "refblock_load", refblockUpdate = "refblock_update", refblockUpdatePart = "refblock_update_part"
+    case refblockAlloc = "refblock_alloc", refblockAllocHookup = "refblock_alloc_hookup", refblockAllocWrite = "refblock_alloc_write"
+    case refblockAllocWriteBlocks = "refblock_alloc_write_blocks", refblockAllocWriteTable = "refblock_alloc_write_table"
+    case refblockAllocSwitchTable = "refblock_alloc_switch_table", clusterAlloc = "cluster_alloc"
+    case clusterAllocBytes = "cluster_alloc_bytes", clusterFree = "cluster_free", flushToOS = "flush_to_os"
+    case flushToDisk = "flush_to_disk", pwritevRmwHead = "pwritev_rmw_head", pwritevRmwAfterHead = "pwritev_rmw_after_head"
+    case pwritevRmwTail = "pwritev_rmw_tail", pwritevRmwAfterTail = "pwritev_rmw_after_tail", pwritev = "pwritev"
+    case pwritevZero = "pwritev_zero", pwritevDone = "pwritev_done", emptyImagePrepare = "empty_image_prepare"
+    case l1ShrinkWriteTable = "l1_shrink_write_table", l1ShrinkFreeL2Clusters = "l1_shrink_free_l2_clusters"
+    case corWrite = "cor_write", clusterAllocSpace = "cluster_alloc_space", none
 }
 
 /// The driver contract (QEMU's `BlockDriver`), one for protocol, format and
@@ -140,6 +196,16 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// throw, changing nothing, when it cannot be granted. Returns how to
     /// restore the previous state (nil: nothing changed). Default: nothing.
     func setPermissions(_ perm: BlockPermissions, shared: BlockPermissions) throws(BlockError) -> (@Sendable () -> Void)?
+    /// Write flags the driver handles beyond fua/mayUnmap/noFallback
+    /// (QEMU's supported_write_flags). Default: none.
+    var supportedWriteFlags: WriteFlags { get }
+    /// The driver's own transfer limits. Default: none.
+    var limits: BlockLimits { get }
+    /// QEMU's bdrv_get_info. Default: nil (nothing to tell).
+    var info: BlockDriverInfo? { get }
+    /// QEMU's bdrv_debug_event, called by a parent driver on this child at
+    /// the points `BlkdebugEvent` names. Default: nothing (only blkdebug acts).
+    func debugEvent(_ event: BlkdebugEvent)
     /// Filters: forget the filtered child (QEMU's detach of the subchain
     /// when a filter is dropped); `children` no longer lists it.
     func removeChild(_ child: BlockChild)
@@ -150,6 +216,10 @@ public extension BlockDriver {
         if let f = children.first(where: { $0.name == "file" })?.node { await f.startWriteback() }
     }
     var isFilter: Bool { false }
+    var limits: BlockLimits { BlockLimits() }
+    var supportedWriteFlags: WriteFlags { [] }
+    var info: BlockDriverInfo? { nil }
+    func debugEvent(_ event: BlkdebugEvent) {}
     func attached(to node: BlockNode) {}
     func removeChild(_ child: BlockChild) {
         preconditionFailure("\(formatName) cannot drop its child '\(child.name)'")
@@ -191,6 +261,12 @@ public protocol BackingDriver: BlockDriver {
     /// QEMU's bdrv_change_backing_file: rewrites the header's backing file
     /// name and format (nil: no backing file).
     func changeBackingFile(_ name: String?, format: String?) async throws(BlockError)
+}
+
+/// Filters that decide what a prefetch (QEMU's BDRV_REQ_PREFETCH) does
+/// with their child (copy-on-read: copy what the chain holds).
+public protocol PrefetchingDriver: BlockDriver {
+    func prefetch(at offset: Int64, length: Int64) async throws(BlockError)
 }
 
 /// Drivers that sit directly on a host file and can say how much of it is

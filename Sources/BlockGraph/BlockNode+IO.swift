@@ -49,36 +49,130 @@ extension BlockNode {
 
     // MARK: - I/O
 
-    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
-        try check(offset, Int64(buffer.count), write: false)
-        if buffer.count == 0 { return }
-        let token = await requests.begin(offset, Int64(buffer.count), serialising: false)
-        defer { requests.end(token) }
-        if needsAlignment(offset, buffer.count, buffer.baseAddress) {
-            try await alignedRead(offset, buffer)
+    /// Calls `body` for consecutive pieces of [offset, offset+length) of at
+    /// most `max` bytes (0: one piece), QEMU's splitting by the limits.
+    @inline(__always)
+    private func split(_ offset: Int64, _ length: Int64, _ max: Int64,
+                       _ body: (Int64, Int64) async throws(BlockError) -> Void) async throws(BlockError) {
+        if max <= 0 || length <= max {
+            try await body(offset, length)
             return
         }
-        try await driver.read(at: offset, into: buffer)
+        var done: Int64 = 0
+        while done < length {
+            let n = Swift.min(max, length - done)
+            try await body(offset + done, n)
+            done += n
+        }
     }
+
+    /// Reads `buffer.count` bytes at `offset`. With `.copyOnRead`, what the
+    /// node reads from its backing chain is also written into it (QEMU's
+    /// BDRV_REQ_COPY_ON_READ).
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: ReadFlags = []) async throws(BlockError) {
+        try check(offset, Int64(buffer.count), write: false)
+        if buffer.count == 0 { return }
+        if flags.contains(.copyOnRead) && !readOnly {
+            try await copyOnRead(offset, Int64(buffer.count), into: buffer)
+            return
+        }
+        try await split(offset, Int64(buffer.count), limits.maxTransfer) { (o, n) async throws(BlockError) in
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(o - offset)..<Int(o - offset + n)])
+            let token = await requests.begin(o, n, serialising: false)
+            defer { requests.end(token) }
+            if needsAlignment(o, piece.count, piece.baseAddress) {
+                try await alignedRead(o, piece)
+            } else {
+                try await driver.read(at: o, into: piece)
+            }
+        }
+    }
+
+    /// QEMU's BDRV_REQ_PREFETCH with copy-on-read: populates the node
+    /// from its backing chain without returning the data (block-stream).
+    public func prefetch(at offset: Int64, length: Int64) async throws(BlockError) {
+        try check(offset, length, write: false)
+        if length == 0 || readOnly { return }
+        if let p = driver as? any PrefetchingDriver {
+            try await p.prefetch(at: offset, length: length)
+        } else if let c = filteredChild {
+            try await c.node.prefetch(at: offset, length: length)
+        } else {
+            try await copyOnRead(offset, length, into: nil)
+        }
+    }
+
+    /// QEMU's bdrv_co_do_copy_on_readv: the clusters covering the request
+    /// are serialised against every other request; runs this layer does
+    /// not allocate are read (through the backing chain) into a bounce
+    /// buffer and written into the layer unchanged, allocated runs are read
+    /// as they are. No dirty bitmap is marked: the data does not change.
+    private func copyOnRead(_ offset: Int64, _ length: Int64,
+                            into buffer: UnsafeMutableRawBufferPointer?) async throws(BlockError) {
+        let cs = Int64(max(driver.info?.clusterSize ?? 1, driver.requestAlignment, 1))
+        let size = driver.length
+        let start = alignDown(offset, cs)
+        let end = Swift.min(alignUp(offset + length, cs), Swift.max(size, offset + length))
+        let token = await requests.begin(start, end - start, serialising: true)
+        defer { requests.end(token) }
+        let maxIO = limits.maxTransfer > 0 ? Swift.min(limits.maxTransfer, Self.maxBounce) : Self.maxBounce
+        var bounce: AlignedBuffer?
+        var pos = start
+        while pos < end {
+            let st = try await blockStatus(at: pos, length: Swift.min(end - pos, maxIO))
+            if st.length <= 0 { break }
+            let n = Swift.min(st.length, end - pos)
+            let lo = Swift.max(pos, offset), hi = Swift.min(pos + n, offset + length)
+            if st.flags.contains(.allocated) {
+                if let buffer, hi > lo {
+                    let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
+                    try await driver.read(at: lo, into: dst)
+                }
+            } else {
+                if bounce == nil { bounce = AlignedBuffer(count: Int(Swift.min(maxIO, end - start))) }
+                let b = bounce!.slice(0, Int(n))
+                try await driver.read(at: pos, into: b)
+                debugEvent(.corWrite)
+                if isZeroMemory(UnsafeRawPointer(b.baseAddress!), b.count) && pos % cs == 0 && n % cs == 0 {
+                    try await driver.writeZeroes(at: pos, length: n, flags: [])
+                } else {
+                    try await driver.write(at: pos, from: UnsafeRawBufferPointer(b), flags: [])
+                }
+                if let buffer, hi > lo {
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
+                        .copyMemory(from: UnsafeRawBufferPointer(bounce!.slice(Int(lo - pos), Int(hi - lo))))
+                }
+            }
+            pos += n
+        }
+    }
+
+    /// QEMU's MAX_BOUNCE_BUFFER.
+    static let maxBounce: Int64 = 16 << 20
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags = []) async throws(BlockError) {
         try check(offset, Int64(buffer.count), write: true)
         if buffer.count == 0 { return }
+        if flags.contains(.compressed) && !driver.supportedWriteFlags.contains(.compressed) {
+            throw BlockError.unsupported("Compression is not supported for this drive")
+        }
         defer { markDirty(offset, Int64(buffer.count)) }
-        if policy.detectZeroes != .off, !flags.contains(.copyOnRead), let base = buffer.baseAddress,
-           isZeroMemory(base, buffer.count) {
+        if policy.detectZeroes != .off, let base = buffer.baseAddress, isZeroMemory(base, buffer.count) {
             var zflags = flags
             if policy.detectZeroes == .unmap { zflags.insert(.mayUnmap) }
             try await writeZeroes(at: offset, length: Int64(buffer.count), flags: zflags)
             return
         }
-        if needsAlignment(offset, buffer.count, buffer.baseAddress) {
-            try await alignedWrite(offset, buffer, flags)
-            return
+        try await split(offset, Int64(buffer.count), limits.maxTransfer) { (o, n) async throws(BlockError) in
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[Int(o - offset)..<Int(o - offset + n)])
+            if needsAlignment(o, piece.count, piece.baseAddress) {
+                try await alignedWrite(o, piece, flags)
+                return
+            }
+            let token = await requests.begin(o, n, serialising: false)
+            defer { requests.end(token) }
+            try await driver.write(at: o, from: piece, flags: flags)
         }
-        let token = await requests.begin(offset, Int64(buffer.count), serialising: false)
-        defer { requests.end(token) }
-        try await driver.write(at: offset, from: buffer, flags: flags)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags = []) async throws(BlockError) {
@@ -91,20 +185,22 @@ extension BlockNode {
         if a > 1 && (offset % a != 0 || length % a != 0) {
             if flags.contains(.noFallback) { throw BlockError.unsupported("Unaligned zero write needs a fallback") }
             // Zero the unaligned head and tail with explicit writes.
-            let headEnd = min(alignUp(offset, a), offset + length)
-            let tailStart = max(alignDown(offset + length, a), headEnd)
+            let headEnd = Swift.min(alignUp(offset, a), offset + length)
+            let tailStart = Swift.max(alignDown(offset + length, a), headEnd)
             if headEnd > offset { try await writeZeroBuffer(offset, headEnd - offset, flags) }
-            if tailStart > headEnd {
-                let token = await requests.begin(headEnd, tailStart - headEnd, serialising: false)
-                defer { requests.end(token) }
-                try await driver.writeZeroes(at: headEnd, length: tailStart - headEnd, flags: flags)
-            }
+            if tailStart > headEnd { try await driverWriteZeroes(headEnd, tailStart - headEnd, flags) }
             if offset + length > tailStart { try await writeZeroBuffer(tailStart, offset + length - tailStart, flags) }
             return
         }
-        let token = await requests.begin(offset, length, serialising: false)
-        defer { requests.end(token) }
-        try await driver.writeZeroes(at: offset, length: length, flags: flags)
+        try await driverWriteZeroes(offset, length, flags)
+    }
+
+    private func driverWriteZeroes(_ offset: Int64, _ length: Int64, _ flags: WriteFlags) async throws(BlockError) {
+        try await split(offset, length, limits.maxWriteZeroes) { (o, n) async throws(BlockError) in
+            let token = await requests.begin(o, n, serialising: false)
+            defer { requests.end(token) }
+            try await driver.writeZeroes(at: o, length: n, flags: flags)
+        }
     }
 
     private func writeZeroBuffer(_ offset: Int64, _ length: Int64, _ flags: WriteFlags) async throws(BlockError) {
@@ -116,9 +212,18 @@ extension BlockNode {
         try check(offset, length, write: true)
         if length == 0 || !policy.discardUnmap { return }
         defer { markDirty(offset, length) }
-        let token = await requests.begin(offset, length, serialising: false)
-        defer { requests.end(token) }
-        try await driver.discard(at: offset, length: length)
+        try await split(offset, length, limits.maxDiscard) { (o, n) async throws(BlockError) in
+            let token = await requests.begin(o, n, serialising: false)
+            defer { requests.end(token) }
+            try await driver.discard(at: o, length: n)
+        }
+    }
+
+    /// QEMU's bdrv_debug_event on this node (a parent driver's event;
+    /// only blkdebug does something with it).
+    @inline(__always)
+    public func debugEvent(_ event: BlkdebugEvent) {
+        driver.debugEvent(event)
     }
 
     public func flush() async throws(BlockError) {

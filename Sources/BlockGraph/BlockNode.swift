@@ -40,6 +40,8 @@ public final class BlockNode: Sendable {
         var forceShare = false
         /// The home executor of the node's subtree (QEMU's AioContext).
         var context: IOContext?
+        /// The driver's limits merged with its data children's.
+        var limits = BlockLimits()
     }
     private let graph = Mutex(GraphState())
 
@@ -52,7 +54,21 @@ public final class BlockNode: Sendable {
         self.nodeNameBox = Mutex(nodeName)
         // The driver's children were opened for it: connect their edges.
         for c in driver.children { c.attach(to: self) }
+        refreshLimits()
         driver.attached(to: self)
+    }
+
+    /// The limits requests are split by (QEMU's bs->bl).
+    public var limits: BlockLimits { graph.withLock { $0.limits } }
+
+    /// QEMU's bdrv_refresh_limits: the driver's own limits merged with
+    /// those of the children that hold its data.
+    public func refreshLimits() {
+        var l = driver.limits
+        for c in children where !c.role.isDisjoint(with: [.data, .filtered, .cow]) {
+            l = l.merged(with: c.node.limits)
+        }
+        graph.withLock { $0.limits = l }
     }
 
     public var nodeName: String { nodeNameBox.withLock { $0 } }
@@ -140,6 +156,7 @@ public final class BlockNode: Sendable {
         let edge = new.map { BlockChild(name: "backing", role: .cow, node: $0) }
         d.setBackingChild(edge)
         edge?.attach(to: self)
+        refreshLimits()
         return old
     }
 

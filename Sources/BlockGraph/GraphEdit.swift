@@ -89,9 +89,9 @@ extension Graph {
 
     /// QEMU's bdrv_drop_filter (then bdrv_unref): the filter's users go
     /// back to the node below it, the filter lets go of that node, and the
-    /// caller's reference of the filter is dropped. Loosening only: it
-    /// cannot fail.
-    public func dropFilter(_ filter: BlockNode) async {
+    /// caller's reference of the filter is dropped (unless `releasing` is
+    /// false: the caller holds none). Loosening only: it cannot fail.
+    public func dropFilter(_ filter: BlockNode, releasing: Bool = true) async {
         guard let edge = filter.filteredChild else { return }
         let below = edge.node
         _ = try? await drained([filter]) { () async throws(BlockError) in
@@ -106,7 +106,7 @@ extension Graph {
             for _ in moved { try? await filter.close() }
             try? await below.close()
         }
-        try? await filter.close()
+        if releasing { try? await filter.close() }
         sweepClosed()
     }
 
@@ -191,5 +191,44 @@ extension Graph {
             for c in n.children.reversed() { edge(n, c) }
         }
         return (nodes.reversed(), edges.reversed())
+    }
+}
+
+// MARK: - Reopening
+
+extension Graph {
+    /// QEMU's bdrv_reopen_set_read_only(node, false): the node (and the
+    /// file below it) accept writes; the permission update then takes the
+    /// write locks, and if it cannot, the node is read-only again.
+    public func reopenReadWrite(_ node: BlockNode) async throws(BlockError) {
+        if !node.readOnly { return }
+        try await node.reopenReadWrite()
+        do throws(BlockError) {
+            try refresh([node])
+        } catch {
+            await reopenReadOnly(node)
+            throw error
+        }
+    }
+
+    /// QEMU's bdrv_reopen_set_read_only(node, true): the node, and its file
+    /// when nothing else writes there, become read-only; permissions loosen.
+    public func reopenReadOnly(_ node: BlockNode) async {
+        try? await node.reopenReadOnly()
+        try? refresh([node])
+        if let f = node.file, f !== node, !f.parents.contains(where: { $0.perm.contains(.write) }) {
+            try? await f.reopenReadOnly()
+        }
+    }
+
+    /// Registers a filter node created by the block layer (a job's): named
+    /// `name`, or implicit with a generated name (QEMU's bs->implicit).
+    public func registerFilter(_ node: BlockNode, name: String?) throws(BlockError) {
+        if let name {
+            try Self.checkNodeName(name)
+            if find(name) != nil { throw BlockError.invalid("Duplicate nodes with node-name='\(name)'") }
+        }
+        register(node, name: name, monitorOwned: false)
+        node.setImplicit(name == nil)
     }
 }

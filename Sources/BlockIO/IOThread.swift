@@ -109,6 +109,12 @@ public final class IOContext: Sendable {
         self.workers = workers
     }
 
+    /// The executors parallel transfers are spread over (the workers, or
+    /// the home executor when there are none).
+    public var transferExecutors: [any TaskExecutor] {
+        workers?.threads ?? [executor]
+    }
+
     /// Where the `i`-th of several parallel transfers runs.
     public func worker(_ i: Int) -> any TaskExecutor {
         guard let w = workers else { return executor }

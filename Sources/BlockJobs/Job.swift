@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import BlockCore
+import BlockCopy
 import Synchronization
 
 /// What happens to a job that the outside world must hear about (QMP
@@ -25,11 +26,6 @@ public enum JobEvent: Sendable {
 /// QAPI BlockdevOnError (the values block jobs accept).
 public enum BlockdevOnError: String, Sendable, CaseIterable {
     case report, ignore, enospc, stop, auto
-}
-
-/// QAPI BlockErrorAction: what a job did about an error.
-public enum BlockErrorAction: String, Sendable {
-    case ignore, report, stop
 }
 
 /// A job's body and its transactional finish (QEMU's JobDriver).
@@ -72,31 +68,6 @@ public struct BlockJobInfo: Sendable {
     public init(onError: BlockdevOnError = .report) { self.onError = onError }
 }
 
-/// QEMU's RateLimit with 100 ms slices: how long to wait after `n` bytes
-/// so that throughput stays at `speed` bytes per second.
-struct RateLimit {
-    static let sliceNs: UInt64 = 100_000_000
-    var sliceStart: UInt64 = 0
-    var sliceEnd: UInt64 = 0
-    var dispatched: UInt64 = 0
-
-    mutating func delay(speed: UInt64, bytes n: UInt64, now: UInt64) -> UInt64 {
-        guard speed > 0 else { return 0 }
-        let quota = max(1, Double(speed) * Double(Self.sliceNs) / 1e9)
-        if sliceEnd < now {
-            // The last (possibly stretched) slice is over: start afresh.
-            sliceStart = now
-            sliceEnd = now + Self.sliceNs
-            dispatched = 0
-        }
-        dispatched += n
-        if Double(dispatched) < quota { return 0 }
-        // Over quota: this slice lasts as long as its bytes are worth.
-        sliceEnd = sliceStart + UInt64(Double(dispatched) / quota * Double(Self.sliceNs))
-        return sliceEnd > now ? sliceEnd - now : 0
-    }
-}
-
 extension BlockError {
     /// How a block job's failure reads in query-jobs and BLOCK_JOB_COMPLETED:
     /// QEMU keeps only the errno of a stream/commit/mirror body (strerror).
@@ -106,10 +77,20 @@ extension BlockError {
     }
 }
 
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+/// A block job whose failure reads as its errno (stream, commit, mirror):
+/// `body` is the work, `run` reports its error as QEMU does.
+public protocol BlockJobDriver: JobDriver {
+    func body(_ job: Job) async throws(BlockError)
+}
+
+extension BlockJobDriver {
+    public func run(_ job: Job) async throws(BlockError) {
+        do throws(BlockError) {
+            try await body(job)
+        } catch {
+            throw error.asJobError
+        }
+    }
 }
 
 /// One job (QEMU's Job): the lifecycle state machine, verbs, progress and
@@ -117,7 +98,7 @@ func monotonicNanoseconds() -> UInt64 {
 ///
 /// Threading: state transitions and verbs happen on the control actor;
 /// `progress`, `isCancelled` and `pausePoint()` are safe from the body's thread.
-public final class Job: Sendable {
+public final class Job: CopyController, Sendable {
     public let id: String
     public let driver: any JobDriver
     public let autoFinalize: Bool

@@ -2,7 +2,9 @@
 import Glibc
 #endif
 import BlockCore
+import BlockCopy
 import BlockGraph
+import BlockIO
 import Synchronization
 
 /// The job registry and the lifecycle driver (QEMU's job.c): creation,
@@ -16,9 +18,13 @@ public final class JobManager: Sendable {
 
     /// The graph block jobs hold edges in.
     public let graph: Graph?
+    /// Where jobs whose nodes have no home context run.
+    public let defaultExecutor: any TaskExecutor
 
-    public init(graph: Graph? = nil, sink: @escaping @Sendable @ControlActor (JobEvent) -> Void) {
+    public init(graph: Graph? = nil, defaultExecutor: any TaskExecutor,
+                sink: @escaping @Sendable @ControlActor (JobEvent) -> Void) {
         self.graph = graph
+        self.defaultExecutor = defaultExecutor
         self.sink = sink
     }
 
@@ -288,5 +294,32 @@ extension JobManager {
             if jobs.allSatisfy({ $0.status == .concluded || $0.status == .null || $0.status == .undefined }) { return }
             try? await Task.sleep(nanoseconds: 10_000_000)
         }
+    }
+}
+
+extension JobManager {
+    /// QEMU's block_job_create: a block job on `mainNode` with its first
+    /// edge ("main node", taking `perm` and sharing `shared`), running on
+    /// the node's home executor. A negative speed fails after the job was
+    /// created, as in QEMU (JOB_STATUS_CHANGE created, then null).
+    public func createBlockJob(id: String, driver: any JobDriver, speed: Int64, onError: BlockdevOnError,
+                               autoFinalize: Bool, autoDismiss: Bool, mainNode: BlockNode,
+                               perm: BlockPermissions, shared: BlockPermissions) async throws(BlockError) -> Job {
+        let nodes = BlockJobNodes(jobID: id, type: driver.type)
+        let executor = mainNode.context?.executor ?? defaultExecutor
+        let job = try create(id: id, driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
+                             executor: executor, block: BlockJobInfo(onError: onError), nodes: nodes,
+                             speed: UInt64(max(0, speed)))
+        if speed < 0 {
+            await discardNew(job)
+            throw BlockError.invalid("Parameter 'speed' expects a non-negative value")
+        }
+        do throws(BlockError) {
+            try await nodes.add("main node", mainNode, perm: perm, shared: shared)
+        } catch {
+            await discardNew(job)
+            throw error
+        }
+        return job
     }
 }

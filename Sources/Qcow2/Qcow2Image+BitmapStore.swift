@@ -234,11 +234,12 @@ extension Qcow2Image {
         return bm
     }
 
-    /// The enabled, consistent bitmaps are the ones guest writes mark.
+    /// The enabled, consistent bitmaps are the ones guest writes mark: the
+    /// node's generic layer marks them (QEMU's bdrv_set_dirty), the driver
+    /// only loads and stores them.
     func updateTrackedBitmaps() {
         let active = bitmapStore.list.compactMap { $0.enabled && !$0.inconsistent ? $0.bits : nil }
-        trackedBitmaps.withLock { $0 = active }
-        trackingCount.store(active.count, ordering: .releasing)
+        publishTrackedBitmaps(active)
         let catalog = bitmapStore.list.map {
             (Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
                                    enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
@@ -250,14 +251,6 @@ extension Qcow2Image {
     /// image's lock (for callers that cannot suspend, e.g. export setup).
     public func persistentBitmapsNow() -> [(Qcow2PersistentBitmap, DirtyBitmap?)] {
         bitmapCatalog.withLock { $0 }
-    }
-
-    /// Marks [offset, offset+length) in every enabled persistent bitmap
-    /// (QEMU's bdrv_set_dirty), for each guest write, zero write, discard.
-    @inline(__always)
-    func markTracked(_ offset: Int64, _ length: Int64) {
-        if trackingCount.load(ordering: .acquiring) == 0 { return }
-        for b in trackedBitmaps.withLock({ $0 }) { b.mark(offset, length) }
     }
 
     // MARK: - In-use marking (first write)

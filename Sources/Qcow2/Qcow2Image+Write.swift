@@ -142,22 +142,27 @@ extension Qcow2Image {
     }
 
     func write(at offset: Int64, payload: WritePayload, flags: WriteFlags) async throws(BlockError) {
-        markTracked(offset, Int64(payload.count))
+        if flags.contains(.compressed), case .memory(let mem) = payload {
+            // Whole clusters (the last may be partial), one at a time.
+            let cs = geo.clusterSize
+            var done = 0
+            while done < mem.count {
+                let n = min(cs, mem.count - done)
+                try await writeCompressed(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: mem[done..<(done + n)]))
+                done += n
+            }
+            return
+        }
         var done = 0
-        let cor = flags.contains(.copyOnRead)
         while done < payload.count {
-            done += try await writeStep(offset + Int64(done), payload.slice(done, payload.count - done), copyOnRead: cor)
+            done += try await writeStep(offset + Int64(done), payload.slice(done, payload.count - done))
         }
         if flags.contains(.fua) { try await flush() }
     }
 
     /// Writes a prefix of `data` at guest offset `guest` (one run of
     /// clusters of one class) and returns how many bytes it wrote.
-    ///
-    /// `copyOnRead`: clusters allocated in this layer (data or zero, or
-    /// being allocated by a write in flight, which is waited for) are
-    /// skipped, not written; only unallocated ones are allocated and filled.
-    func writeStep(_ guest: Int64, _ data: WritePayload, copyOnRead: Bool = false) async throws(BlockError) -> Int {
+    func writeStep(_ guest: Int64, _ data: WritePayload) async throws(BlockError) -> Int {
         let cs = Int64(geo.clusterSize)
         let tableSpan = cs * Int64(geo.l2Entries)
         let limit = min(Int64(data.count), (guest / tableSpan + 1) * tableSpan - guest)
@@ -184,21 +189,6 @@ extension Qcow2Image {
         } catch {
             lock.unlock()
             throw error
-        }
-        if copyOnRead {
-            func allocatedHere(_ i: Int) -> Bool {
-                table.l2Entry(i, geo) != 0 || (geo.extendedL2 && table.l2Bitmap(i, geo) != 0)
-            }
-            let skip = allocatedHere(idx0)
-            var n: Int64 = 1
-            while firstCluster + n <= lastCluster && allocatedHere(idx0 + Int(n)) == skip { n += 1 }
-            if skip {
-                lock.unlock()
-                return Int(min(limit, (firstCluster + n) * cs - guest))
-            }
-            let runLimit = min(limit, (firstCluster + n) * cs - guest)
-            return try await allocateAndWriteLocked(guest: guest, limit: runLimit, firstCluster: firstCluster, count: n,
-                                                    l2Off: l2Off, idx0: idx0, data: data)
         }
         switch cls {
         case .inPlace(let host0):
@@ -494,7 +484,6 @@ extension Qcow2Image {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws(BlockError) {
-        markTracked(offset, length)
         let cs = Int64(geo.clusterSize)
         let size = self.length
         var start = alignUp(offset, cs)
@@ -518,7 +507,6 @@ extension Qcow2Image {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws(BlockError) {
-        markTracked(offset, length)
         let cs = Int64(geo.clusterSize)
         let end = offset + length
         let size = self.length
@@ -595,7 +583,6 @@ extension Qcow2Image {
     /// written uncompressed. `data` is one cluster, or the image's last,
     /// partial cluster.
     public func writeCompressed(at guest: Int64, from data: UnsafeRawBufferPointer) async throws(BlockError) {
-        markTracked(guest, Int64(data.count))
         let cs = geo.clusterSize
         precondition(guest % Int64(cs) == 0 && data.count <= cs)
         // The last cluster of an image may be partial: compress it padded

@@ -102,13 +102,41 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
     private let sizeBox: Atomic<Int64>
     private let writableBox: Atomic<Bool>
     private let backingBox = Mutex<BlockChild?>(nil)
-    /// The enabled persistent bitmaps that guest writes mark.
-    let trackedBitmaps = Mutex<[DirtyBitmap]>([])
-    let trackingCount = Atomic<Int>(0)
+    /// The node wrapping the image, and the enabled persistent bitmaps
+    /// handed to its generic layer (which marks them on every write).
+    private struct NodeLink {
+        weak var node: BlockNode?
+        var published: [DirtyBitmap] = []
+    }
+    private let nodeLink = Mutex(NodeLink())
     /// What `persistentBitmapsNow()` answers (kept by updateTrackedBitmaps).
     let bitmapCatalog = Mutex<[(Qcow2PersistentBitmap, DirtyBitmap?)]>([])
 
     public var formatName: String { "qcow2" }
+    public var supportedWriteFlags: WriteFlags { [.compressed] }
+    public var info: BlockDriverInfo? { BlockDriverInfo(clusterSize: geo.clusterSize) }
+
+    /// The node exists: the enabled persistent bitmaps loaded at open are
+    /// marked by its generic layer from now on.
+    public func attached(to node: BlockNode) {
+        let published = nodeLink.withLock { l -> [DirtyBitmap] in
+            l.node = node
+            return l.published
+        }
+        for b in published { node.addDirtyBitmap(b) }
+    }
+
+    /// Replaces the bitmaps the node marks for this image.
+    func publishTrackedBitmaps(_ active: [DirtyBitmap]) {
+        let (node, old) = nodeLink.withLock { l -> (BlockNode?, [DirtyBitmap]) in
+            let o = l.published
+            l.published = active
+            return (l.node, o)
+        }
+        guard let node else { return }
+        for b in old where !active.contains(where: { $0 === b }) { node.removeDirtyBitmap(b) }
+        for b in active where !old.contains(where: { $0 === b }) { node.addDirtyBitmap(b) }
+    }
     public var length: Int64 { sizeBox.load(ordering: .relaxed) }
     public var children: [BlockChild] {
         if let b = backingBox.withLock({ $0 }) { return [fileChild, b] }

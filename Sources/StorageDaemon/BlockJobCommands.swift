@@ -5,6 +5,7 @@ import BlockCore
 import BlockGraph
 import BlockIO
 import BlockJobs
+import BlockCopy
 import LaminaJSON
 import QMP
 
@@ -16,6 +17,7 @@ struct StreamArgs: Sendable {
     var baseNode: String?
     var backingFile: String?
     var bottom: String?
+    var filterNodeName: String?
     var speed: Int64 = 0
     var onError: BlockdevOnError = .report
     var autoFinalize = true
@@ -31,7 +33,7 @@ struct StreamArgs: Sendable {
         s.bottom = try a.optionalString("bottom")
         s.speed = try a.optionalInt64("speed") ?? 0
         s.onError = try a.optionalEnumValue("on-error", as: BlockdevOnError.self) ?? .report
-        _ = try a.optionalString("filter-node-name")
+        s.filterNodeName = try a.optionalString("filter-node-name")
         s.autoFinalize = try a.optionalBool("auto-finalize") ?? true
         s.autoDismiss = try a.optionalBool("auto-dismiss") ?? true
         try a.finish()
@@ -48,6 +50,7 @@ struct CommitArgs: Sendable {
     var top: String?
     var topNode: String?
     var backingFile: String?
+    var filterNodeName: String?
     var speed: Int64 = 0
     var onError: BlockdevOnError = .report
     var autoFinalize = true
@@ -64,7 +67,7 @@ struct CommitArgs: Sendable {
         c.backingFile = try a.optionalString("backing-file")
         c.speed = try a.optionalInt64("speed") ?? 0
         c.onError = try a.optionalEnumValue("on-error", as: BlockdevOnError.self) ?? .report
-        _ = try a.optionalString("filter-node-name")
+        c.filterNodeName = try a.optionalString("filter-node-name")
         c.autoFinalize = try a.optionalBool("auto-finalize") ?? true
         c.autoDismiss = try a.optionalBool("auto-dismiss") ?? true
         try a.finish()
@@ -205,7 +208,7 @@ extension Daemon {
         var n: BlockNode? = bs
         while let c = n {
             if c === node { return true }
-            n = c.backing
+            n = c.filterOrBacking
         }
         return false
     }
@@ -222,7 +225,7 @@ extension Daemon {
                 if name == graph.displayFilename(below) { return below }
                 continue
             }
-            let header = (cur.driver as? any BackingFileNamed)?.backingFileName ?? graph.displayFilename(below)
+            let header = (cur.driver as? any BackingDriver)?.backingFileName ?? graph.displayFilename(below)
             let dir = Self.directory(of: cur.filename)
             guard let wanted = Self.realPath(name.hasPrefix("/") ? name : dir + name),
                   let actual = Self.realPath(header.hasPrefix("/") ? header : dir + header) else { continue }
@@ -242,44 +245,8 @@ extension Daemon {
         return String(cString: p)
     }
 
-    /// Runs `body` with `nodes` drained (QEMU's bdrv_drained_begin on
-    /// the nodes a graph change touches).
-    func withDrained<T>(_ nodes: [BlockNode], _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
-        try await graph.drained(nodes, body)
-    }
-
-    /// Creates and starts a block job (QEMU's block_job_create + job_start).
-    /// A negative speed fails after the job was created, as in QEMU
-    /// (JOB_STATUS_CHANGE created, then null).
-    func startBlockJob(id: String?, driver: any JobDriver, speed: Int64, onError: BlockdevOnError,
-                       autoFinalize: Bool, autoDismiss: Bool) async throws(BlockError) -> Job {
-        let nodes = BlockJobNodes(jobID: id ?? "", type: driver.type)
-        let job = try jobs.create(id: id ?? "", driver: driver, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
-                                  executor: jobThreads[jobs.jobs.count], block: BlockJobInfo(onError: onError),
-                                  nodes: nodes, speed: UInt64(max(0, speed)))
-        if speed < 0 {
-            await jobs.discardNew(job)
-            throw BlockError.invalid("Parameter 'speed' expects a non-negative value")
-        }
-        return job
-    }
-
-    /// QEMU's block_job_add_bdrv for each of `nodes` (edges that only
-    /// block other operations until the job's own filters carry QEMU's
-    /// permissions).
-    func addJobNodes(_ job: Job, _ name: String, _ nodes: [BlockNode]) async throws(BlockError) {
-        for n in nodes {
-            try await job.nodes?.add(name, n, perm: [], shared: .all)
-        }
-    }
-
     /// QEMU's bdrv_is_root_node: only block backends use the node.
     static func isRootNode(_ node: BlockNode) -> Bool {
         node.parents.allSatisfy { $0.parent is BlockBackend }
     }
-}
-
-/// A format driver that records a backing file name in its header.
-protocol BackingFileNamed {
-    var backingFileName: String? { get }
 }

@@ -15,52 +15,42 @@ enum CreateOptions: Sendable {
     case qcow2(file: BlockdevRef, options: Qcow2CreateOptions)
 }
 
-/// The blockdev-create job (type "create"): formats a file or node, then
-/// concludes; it is dismissed by the user (QEMU's JOB_MANUAL_DISMISS).
-final class CreateJobDriver: JobDriver, Sendable {
-    let options: CreateOptions
-    /// For qcow2 with a node reference: resolved before the job starts,
-    /// so a missing node fails the job the way QEMU does.
-    let resolveNode: @Sendable (String) async -> BlockNode?
-
-    init(options: CreateOptions, resolveNode: @escaping @Sendable (String) async -> BlockNode?) {
-        self.options = options
-        self.resolveNode = resolveNode
-    }
-
-    var type: JobType { .create }
-
-    func run(_ job: Job) async throws(BlockError) {
-        job.progressSetRemaining(1)
-        // QEMU counts the one step as done whether or not it succeeded.
-        defer { job.progressUpdate(1) }
-        switch options {
-        case .file(let filename, let size, let prealloc):
-            try await createFile(filename, size, prealloc)
-        case .qcow2(let ref, let o):
-            try o.validate()
-            switch ref {
-            case .reference(let name):
-                guard let node = await resolveNode(name) else {
-                    throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(name)' nor node-name='\(name)'")
+extension CreateOptions {
+    /// The driver's create function for the blockdev-create job (QEMU's
+    /// bdrv_co_create of the driver named by the options). A node named
+    /// by reference is looked up when the job runs, so a missing node
+    /// fails the job the way QEMU's does.
+    func createFunction(resolveNode: @escaping @Sendable (String) async -> BlockNode?) -> @Sendable () async throws(BlockError) -> Void {
+        let options = self
+        return { () async throws(BlockError) in
+            switch options {
+            case .file(let filename, let size, let prealloc):
+                try await Self.createFile(filename, size, prealloc)
+            case .qcow2(let ref, let o):
+                try o.validate()
+                switch ref {
+                case .reference(let name):
+                    guard let node = await resolveNode(name) else {
+                        throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(name)' nor node-name='\(name)'")
+                    }
+                    if node.readOnly {
+                        throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
+                    }
+                    try await Qcow2Creator.create(file: node, options: o)
+                    if o.preallocation != .off {
+                        try await Self.preallocate(node, o.preallocation)
+                    }
+                case .options(let bo):
+                    guard case .file(let f) = bo.driver else {
+                        throw BlockError.unsupported("blockdev-create: only a 'file' node can hold a new qcow2 image")
+                    }
+                    try await ImageCreator.createQcow2(path: f.filename, options: o)
                 }
-                if node.readOnly {
-                    throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
-                }
-                try await Qcow2Creator.create(file: node, options: o)
-                if o.preallocation != .off {
-                    try await preallocate(node, o.preallocation)
-                }
-            case .options(let bo):
-                guard case .file(let f) = bo.driver else {
-                    throw BlockError.unsupported("blockdev-create: only a 'file' node can hold a new qcow2 image")
-                }
-                try await ImageCreator.createQcow2(path: f.filename, options: o)
             }
         }
     }
 
-    private func createFile(_ path: String, _ size: Int64, _ prealloc: Preallocation) async throws(BlockError) {
+    private static func createFile(_ path: String, _ size: Int64, _ prealloc: Preallocation) async throws(BlockError) {
         if prealloc == .metadata {
             throw BlockError.unsupported("Unsupported preallocation mode: metadata")
         }
@@ -77,7 +67,7 @@ final class CreateJobDriver: JobDriver, Sendable {
 
     /// Preallocation on an existing node: open the new image on it for the
     /// duration (the node keeps its own reference).
-    private func preallocate(_ node: BlockNode, _ mode: Preallocation) async throws(BlockError) {
+    private static func preallocate(_ node: BlockNode, _ mode: Preallocation) async throws(BlockError) {
         node.retain()
         var qo = Qcow2OpenOptions()
         qo.readOnly = false

@@ -19,7 +19,7 @@ public final class Daemon {
     public let loops: DaemonLoops
     /// Every node lives in the main loop's context (QEMU's main
     /// AioContext); its workers carry big transfers.
-    let graph: Graph
+    public let graph: Graph
     let nbd: NBDServer
     private(set) var exports: ExportRegistry!
     private(set) var jobs: JobManager!
@@ -28,17 +28,12 @@ public final class Daemon {
     /// Called once by `quit` after the reply went out.
     public var onQuit: @Sendable () -> Void = {}
     private var quitting = false
-    /// Nodes a stream job runs on: QEMU puts its copy-on-read filter node
-    /// above them, so they are no longer root nodes for block-commit.
-    var streamFiltered: Set<ObjectIdentifier> = []
-    /// Threads that run block-job bodies (their I/O is synchronous).
-    let jobThreads = IOThreadPool(count: 2, name: "block-job")
 
     public init(loops: DaemonLoops) {
         self.loops = loops
         self.graph = Graph(context: IOContext(executor: loops.main, workers: IOThreadPool(count: 4, name: "io-worker")))
         self.nbd = NBDServer(loops: loops)
-        self.jobs = JobManager(graph: graph) { [weak self] e in self?.jobEvent(e) }
+        self.jobs = JobManager(graph: graph, defaultExecutor: loops.main) { [weak self] e in self?.jobEvent(e) }
         self.exports = ExportRegistry(
             graph: graph, nbd: nbd, loop: loops.main,
             onDeleted: { [weak self] id in
@@ -115,10 +110,8 @@ public final class Daemon {
 
     func blockdevCreate(jobID: String, options: CreateOptions) throws(BlockError) {
         let graph = self.graph
-        let driver = CreateJobDriver(options: options) { name in
-            await MainActorless.lookup(graph, name)
-        }
-        let job = try jobs.create(id: jobID, driver: driver, autoFinalize: true, autoDismiss: false,
+        let work = options.createFunction { name in await MainActorless.lookup(graph, name) }
+        let job = try jobs.create(id: jobID, driver: CreateJob(work), autoFinalize: true, autoDismiss: false,
                                   executor: loops.main)
         jobs.start(job)
     }
@@ -171,7 +164,6 @@ public final class Daemon {
         }
         graph.sweepClosed()
         graph.context?.shutdown()
-        jobThreads.shutdown()
     }
 }
 

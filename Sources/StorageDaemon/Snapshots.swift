@@ -4,6 +4,7 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockJobs
 import FileDriver
 import LaminaJSON
 import QMP
@@ -72,64 +73,45 @@ extension SnapshotAction {
     ]
 }
 
-/// A prepared snapshot: `overlay` opened and checked, not yet attached.
+/// One external snapshot as a transaction action (QEMU's
+/// ExternalSnapshotState): prepare opens (or creates) the overlay, checks
+/// it and appends it above the node — the node's users use the overlay
+/// from then on; commit makes the old node read-only; abort undoes the
+/// append and closes an overlay it opened.
 @ControlActor
-struct PreparedSnapshot {
-    let old: GraphEntry
-    let overlay: BlockNode
+final class ExternalSnapshotAction: TransactionAction {
+    let daemon: Daemon
+    let spec: SnapshotAction
+    private var old: GraphEntry?
+    private var overlay: BlockNode?
     /// The overlay was opened by this action (closed again on abort).
-    let openedHere: Bool
-}
+    private var openedHere = false
+    private var appended = false
 
-extension Daemon {
-    /// transaction (and the single commands): every action is prepared
-    /// first; if any fails, the ones prepared are undone and nothing in
-    /// the graph changes; then all are committed.
-    func snapshotTransaction(_ actions: [SnapshotAction]) async throws(BlockError) {
-        var prepared: [PreparedSnapshot] = []
-        do throws(BlockError) {
-            for a in actions {
-                prepared.append(try await prepareSnapshot(a, earlier: prepared))
-            }
-        } catch {
-            for p in prepared.reversed() where p.openedHere {
-                try? await p.overlay.close()
-            }
-            graph.sweepClosed()
-            graph.refreshAll()
-            throw error
-        }
-        for p in prepared {
-            await commitSnapshot(p)
-        }
-        graph.refreshAll()
+    init(_ daemon: Daemon, _ spec: SnapshotAction) {
+        self.daemon = daemon
+        self.spec = spec
     }
 
-    private func lookupOld(device: String?, nodeName: String?) throws(BlockError) -> GraphEntry {
-        // qemu-storage-daemon has no BlockBackends with names: a device
-        // name never matches; node names do.
-        if let n = nodeName, let rec = graph.find(n) { return rec }
-        throw BlockError(.notFound, errno: ENOENT,
-                         "Cannot find device='\(device ?? "")' nor node-name='\(nodeName ?? "")'")
-    }
+    private var graph: Graph { daemon.graph }
 
-    private func prepareSnapshot(_ action: SnapshotAction, earlier: [PreparedSnapshot]) async throws(BlockError) -> PreparedSnapshot {
+    func prepare() async throws(BlockError) {
         let old: GraphEntry
-        var overlay: BlockNode
-        var openedHere = false
-        switch action {
+        switch spec {
         case .abort:
             throw BlockError.invalid("Transaction aborted using Abort action")
         case .snapshot(let node, let overlayName):
             old = try lookupOld(device: node, nodeName: node)
-            try checkSnapshotSource(old)
+            self.old = old
+            try checkSource(old)
             guard let o = graph.find(overlayName) else {
                 throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(overlayName)' nor node-name='\(overlayName)'")
             }
             overlay = o.node
         case .sync(let device, let nodeName, let file, let snapName, let format, let existing):
             old = try lookupOld(device: device, nodeName: nodeName)
-            try checkSnapshotSource(old)
+            self.old = old
+            try checkSource(old)
             if nodeName != nil && snapName == nil {
                 throw BlockError.invalid("New overlay node-name missing")
             }
@@ -163,38 +145,44 @@ extension Daemon {
             } catch {
                 throw BlockError.invalid(error.desc)
             }
-            overlay = try await NodeOpener.add(opts, graph: graph)
+            let o = try await NodeOpener.add(opts, graph: graph)
+            overlay = o
             openedHere = true
             // Opened by the snapshot, not by blockdev-add: not the monitor's.
-            graph.entry(overlay)?.monitorOwned = false
+            graph.entry(o)?.monitorOwned = false
             // Its header names the node's image; the open skipped it.
-            graph.entry(overlay)?.jsonFilename = nil
+            graph.entry(o)?.jsonFilename = nil
         }
-        do throws(BlockError) {
-            try checkOverlay(overlay, old: old.node, earlier: earlier)
-        } catch {
-            if openedHere { try? await overlay.close() }
-            throw error
-        }
-        return PreparedSnapshot(old: old, overlay: overlay, openedHere: openedHere)
+        guard let overlay else { return }
+        try checkOverlay(overlay, old: old.node)
+        try await append(overlay, to: old)
     }
 
-    /// The node being snapshotted: not blocked, flushed.
-    private func checkSnapshotSource(_ old: GraphEntry) throws(BlockError) {
-        // Op blockers: a job's, or the backing link's of an overlay.
+    private func lookupOld(device: String?, nodeName: String?) throws(BlockError) -> GraphEntry {
+        // qemu-storage-daemon has no BlockBackends with names: a device
+        // name never matches; node names do.
+        if let n = nodeName, let rec = graph.find(n) { return rec }
+        throw BlockError(.notFound, errno: ENOENT,
+                         "Cannot find device='\(device ?? "")' nor node-name='\(nodeName ?? "")'")
+    }
+
+    /// The node being snapshotted: not blocked (a job's, or the backing
+    /// link of an overlay), flushed.
+    private func checkSource(_ old: GraphEntry) throws(BlockError) {
         try old.node.checkOp(.externalSnapshot)
-        // Parents other than exports would have to move to the overlay too.
+        // Parents other than backends would have to move to the overlay too.
         if let p = graph.nodeParents(of: old.node).first {
             throw BlockError(.notSupported, errno: ENOTSUP,
                              "Lamina cannot yet snapshot node '\(old.name)' while node '\(p.nodeName)' uses it")
         }
     }
 
-    private func checkOverlay(_ overlay: BlockNode, old: BlockNode, earlier: [PreparedSnapshot]) throws(BlockError) {
-        let consistentRead = overlay.parents.contains { $0.perm.contains(.consistentRead) }
-        if consistentRead || earlier.contains(where: { $0.overlay === overlay }) {
+    /// QEMU's checks of the new overlay, in its order.
+    private func checkOverlay(_ overlay: BlockNode, old: BlockNode) throws(BlockError) {
+        if overlay.hasBackend || overlay.parents.contains(where: { $0.perm.contains(.consistentRead) }) {
             throw BlockError.invalid("The overlay is already in use")
         }
+        try overlay.checkOp(.externalSnapshot)
         if overlay.backing != nil {
             throw BlockError.invalid("The overlay already has a backing image")
         }
@@ -206,37 +194,69 @@ extension Daemon {
             if c === overlay {
                 throw BlockError.invalid("Making '\(old.nodeName)' a backing child of '\(overlay.nodeName)' would create a cycle")
             }
-            n = c.backing
-        }
-        if earlier.contains(where: { $0.old.node === old }) {
-            throw BlockError.invalid("The overlay is already in use")
+            n = c.filterOrBacking
         }
     }
 
     /// QEMU's bdrv_append: the node becomes the overlay's backing file and
-    /// the exports that served the node serve the overlay (drained: no
-    /// request is in flight across the switch).
-    private func commitSnapshot(_ p: PreparedSnapshot) async {
-        let old = p.old.node
+    /// the node's users (exports) use the overlay, in a drained section.
+    private func append(_ overlay: BlockNode, to old: GraphEntry) async throws(BlockError) {
+        let node = old.node
         // QEMU's names: an overlay blockdev-snapshot-sync opened follows its
         // header (plain filename); one added with "backing": null and then
         // given a backing node is shown with that node in a json: name.
-        if p.openedHere {
-            graph.entry(p.overlay)?.jsonFilename = nil
-        } else if let file = p.overlay.file {
-            graph.entry(p.overlay)?.jsonFilename = graph.jsonFilename(p.overlay, file: file, backing: graph.fullOptions(old))
+        if !openedHere, let file = overlay.file {
+            graph.entry(overlay)?.jsonFilename = graph.jsonFilename(overlay, file: file, backing: graph.fullOptions(node))
         }
-        try? await withDrained([old]) { () async throws(BlockError) in
+        try await graph.drained([node]) { () async throws(BlockError) in
             // The backing edge holds a reference. A node the monitor owns
             // keeps the monitor's; a top layer nobody named (an earlier
             // snapshot's overlay) hands its top-level reference to the edge.
-            if p.old.monitorOwned { old.retain() }
-            p.overlay.setBacking(old)
-            // QEMU's bdrv_append: the node's users use the overlay now.
-            try await graph.replaceNode(old, with: p.overlay)
+            if old.monitorOwned { node.retain() }
+            overlay.setBacking(node)
+            do throws(BlockError) {
+                try await graph.replaceNode(node, with: overlay)
+            } catch {
+                let edge = overlay.setBacking(nil)
+                if old.monitorOwned { try? await edge?.node.close() }
+                throw error
+            }
         }
-        // QEMU's external_snapshot_commit: the old layer becomes read-only,
-        // with the file below it when nothing else writes there.
-        await reopenReadOnlyWithFile(old)
+        appended = true
+    }
+
+    /// QEMU's external_snapshot_commit: the old layer becomes read-only,
+    /// with the file below it when nothing else writes there.
+    func commit() async {
+        guard let old else { return }
+        await graph.reopenReadOnly(old.node)
+    }
+
+    /// QEMU's external_snapshot_abort: the overlay's users use the node
+    /// again and the overlay lets go of it; an overlay this action opened
+    /// is closed.
+    func abort() async {
+        guard let overlay else { return }
+        if appended, let old {
+            _ = try? await graph.drained([overlay]) { () async throws(BlockError) in
+                let edge = overlay.setBacking(nil)
+                try? await graph.replaceNode(overlay, with: old.node)
+                if old.monitorOwned { try? await edge?.node.close() }
+            }
+            if !openedHere { graph.entry(overlay)?.jsonFilename = nil }
+        }
+        if openedHere { try? await overlay.close() }
+        graph.sweepClosed()
+        graph.refreshAll()
+    }
+}
+
+extension Daemon {
+    /// transaction (and the single snapshot commands), QEMU's way.
+    func snapshotTransaction(_ actions: [SnapshotAction]) async throws(BlockError) {
+        try await Transaction.run(actions.map { a -> any TransactionAction in
+            if case .abort = a { return AbortAction() }
+            return ExternalSnapshotAction(self, a)
+        })
     }
 }

@@ -1,0 +1,359 @@
+import BlockCore
+import BlockGraph
+import Synchronization
+
+/// QAPI BlockErrorAction: what a job did about an I/O error.
+public enum BlockErrorAction: String, Sendable {
+    case ignore, report, stop
+}
+
+/// What a copy is driven by (a block job, or a tool's offline copy): the
+/// rate limit, pause points, cancellation, progress and the on-error
+/// policy. `BlockCopy` calls it from its coordinating task.
+public protocol CopyController: Sendable {
+    /// Nanoseconds to wait after copying `bytes` (QEMU's
+    /// block_job_ratelimit_get_delay).
+    func rateLimitDelay(_ bytes: UInt64) -> UInt64
+    /// QEMU's job_sleep_ns: sleeps unless cancelled, then honours a pause
+    /// request (the copy's pause point; called even with 0).
+    func sleep(nanoseconds: UInt64) async
+    /// The copy stops at its next step (QEMU's job_is_cancelled, or any
+    /// cancel request for jobs that finish early on a soft cancel).
+    var cancelRequested: Bool { get }
+    func progressUpdate(_ done: UInt64)
+    func progressSetRemaining(_ remaining: UInt64)
+    /// QEMU's block_job_error_action: what the policy says about an error
+    /// (`stop` also pauses the job until the user resumes it).
+    func errorAction(errno: Int32, isRead: Bool) async -> BlockErrorAction
+}
+
+/// How a range is brought over.
+public enum CopyMethod: Sendable, Equatable {
+    /// Nothing to do (already there, or not to be copied).
+    case skip
+    /// Read and write the data.
+    case copy
+    /// Write zeroes (the source reads as zeroes).
+    case zero
+    /// Discard (the source has nothing there).
+    case discard
+}
+
+/// One step of a copy: [offset, offset+length) and how.
+public struct CopyStep: Sendable, Equatable {
+    public var offset: Int64
+    public var length: Int64
+    public var method: CopyMethod
+    public init(offset: Int64, length: Int64, method: CopyMethod) {
+        self.offset = offset
+        self.length = length
+        self.method = method
+    }
+}
+
+/// A failed step: the error and whether it was the read side.
+public struct CopyFailure: Error, Sendable {
+    public var error: BlockError
+    public var isRead: Bool
+    public init(_ error: BlockError, isRead: Bool) {
+        self.error = error
+        self.isRead = isRead
+    }
+}
+
+/// The one copy engine of the block layer (stream, commit, active commit,
+/// `lamina-img commit`; mirror and backup next): steps planned in order by
+/// block status (`copyRange`) or by a dirty bitmap (`copyDirty`), up to
+/// `inFlight` steps running at once on the given executors, each with a
+/// buffer of its own allocated once, QEMU's rate limiter, progress, pause
+/// points, cancellation and the on-error policy; the target's writeback is
+/// kept going so the final flush finds little to write.
+///
+/// Threading: the coordinating loop runs on the caller's executor (a job's
+/// home executor); steps run on `executors` (round robin), or on the
+/// caller's executor when there are none.
+public final class BlockCopy: Sendable {
+    /// What an ignored error means (QEMU's jobs differ).
+    public enum IgnoredError: Sendable {
+        /// Go on with the next range, fail at the end (block-stream).
+        case skipAndFail
+        /// Copy the range again (block-commit's `n = 0; continue`).
+        case retry
+    }
+
+    public struct Options: Sendable {
+        /// The largest step.
+        public var chunk: Int64
+        /// Steps running at once.
+        public var inFlight: Int
+        /// Where steps run; empty: on the coordinating task's executor.
+        public var executors: [any TaskExecutor]
+        /// Kept writing back while copying (nil: none).
+        public var writebackTarget: BlockNode?
+        public init(chunk: Int64, inFlight: Int = 1, executors: [any TaskExecutor] = [], writebackTarget: BlockNode? = nil) {
+            self.chunk = chunk
+            self.inFlight = max(1, inFlight)
+            self.executors = executors
+            self.writebackTarget = writebackTarget
+        }
+    }
+
+    /// Decides the step starting at `offset`, at most `length` bytes long
+    /// (at least one byte unless `length` is 0). Errors count as reads.
+    public typealias Plan = @Sendable (_ offset: Int64, _ length: Int64) async throws(BlockError) -> CopyStep
+    /// Performs a step (`skip` steps never arrive); `buffer` is the step's
+    /// own, at least `chunk` bytes, valid until it returns.
+    public typealias Perform = @Sendable (CopyStep, UnsafeMutableRawBufferPointer) async throws(CopyFailure) -> Void
+
+    public let options: Options
+    private let buffers: Mutex<[AlignedBuffer]>
+    private let writebackBytes = Atomic<Int64>(0)
+    static let writebackEvery: Int64 = 32 << 20
+
+    public init(_ options: Options) {
+        self.options = options
+        self.buffers = Mutex((0..<options.inFlight).map { _ in AlignedBuffer(count: Int(options.chunk)) })
+    }
+
+    // MARK: - In order (stream, commit)
+
+    /// QEMU's stream_run / commit_run: [0, length) in order, step by step.
+    /// Progress counts every byte passed, copied or not. A stopped step is
+    /// planned again after the job resumes; an ignored one is skipped
+    /// (`skipAndFail`) or planned again (`retry`).
+    public func copyRange(length: Int64, controller: any CopyController, ignored: IgnoredError,
+                          plan: Plan, perform: @escaping Perform) async throws(BlockError) {
+        controller.progressSetRemaining(UInt64(length))
+        var running = Running(self, controller)
+        var firstIgnored: BlockError?
+        var offset: Int64 = 0
+        var delay: UInt64 = 0
+        do throws(BlockError) {
+            // Applies the policy to a finished step; returns false if it failed.
+            func settle(_ o: Outcome) throws(BlockError) -> Bool {
+                guard let action = o.action, let failure = o.failure else {
+                    controller.progressUpdate(UInt64(o.step.length))
+                    return true
+                }
+                switch action {
+                case .stop:
+                    offset = min(offset, o.step.offset)
+                case .report:
+                    throw failure.error
+                case .ignore:
+                    if ignored == .retry {
+                        offset = min(offset, o.step.offset)
+                    } else {
+                        if firstIgnored == nil { firstIgnored = failure.error }
+                        controller.progressUpdate(UInt64(o.step.length))
+                    }
+                }
+                return false
+            }
+            while true {
+                await controller.sleep(nanoseconds: delay)
+                delay = 0
+                if controller.cancelRequested { break }
+                if offset >= length {
+                    guard let o = await running.collect() else { break }
+                    _ = try settle(o)
+                    continue
+                }
+                let want = min(options.chunk, length - offset)
+                let step: CopyStep
+                do throws(BlockError) {
+                    step = try await plan(offset, want)
+                } catch {
+                    switch await controller.errorAction(errno: error.errnoOrEIO, isRead: true) {
+                    case .stop: break
+                    case .report: throw error
+                    case .ignore:
+                        if ignored == .skipAndFail {
+                            // QEMU's stream goes on after the range it could not plan.
+                            if firstIgnored == nil { firstIgnored = error }
+                            controller.progressUpdate(UInt64(want))
+                            offset += want
+                        }
+                    }
+                    continue
+                }
+                precondition(step.offset == offset && step.length > 0, "a plan must start at its offset")
+                offset += step.length
+                if step.method == .skip {
+                    controller.progressUpdate(UInt64(step.length))
+                    continue
+                }
+                while running.count >= options.inFlight, let o = await running.collect() {
+                    _ = try settle(o)
+                }
+                running.start(step, perform)
+                if options.inFlight == 1 {
+                    // One at a time (QEMU's stream and commit): the step is
+                    // over before the rate limit and the next pause point.
+                    if let o = await running.collect(), try settle(o) {
+                        delay = controller.rateLimitDelay(UInt64(step.length))
+                    }
+                } else {
+                    delay = controller.rateLimitDelay(UInt64(step.length))
+                }
+            }
+            while let o = await running.collect() { _ = try settle(o) }
+        } catch {
+            await running.waitAll()
+            throw error
+        }
+        if let e = firstIgnored { throw e }
+    }
+
+    // MARK: - By dirty bitmap (active commit, mirror, offline commit)
+
+    /// QEMU's mirror_run: copies what `bitmap` marks, clearing bits as
+    /// steps start (writes meanwhile mark them again), until the bitmap is
+    /// clean with nothing in flight; then `inSync` says whether to go on
+    /// (READY and waiting for guest writes) or stop. A failed step marks
+    /// its range again: `stop` pauses, `ignore` copies it again later,
+    /// `report` fails the copy.
+    public func copyDirty(bitmap: DirtyBitmap, controller: any CopyController, plan: Plan,
+                          perform: @escaping Perform, inSync: () async throws(BlockError) -> Bool) async throws(BlockError) {
+        var running = Running(self, controller)
+        var cursor: Int64 = 0
+        var delay: UInt64 = 0
+        do throws(BlockError) {
+            func settle(_ o: Outcome) throws(BlockError) {
+                guard let action = o.action, let failure = o.failure else {
+                    controller.progressUpdate(UInt64(o.step.length))
+                    return
+                }
+                bitmap.mark(o.step.offset, o.step.length)
+                if action == .report { throw failure.error }
+            }
+            while true {
+                await controller.sleep(nanoseconds: delay)
+                delay = 0
+                if controller.cancelRequested { break }
+                controller.progressSetRemaining(UInt64(bitmap.dirtyBytes) + UInt64(running.bytes))
+                guard let (start, runLength) = bitmap.nextDirtyRun(from: cursor, maxLength: options.chunk)
+                    ?? bitmap.nextDirtyRun(from: 0, maxLength: options.chunk) else {
+                    if let o = await running.collect() {
+                        try settle(o)
+                        continue
+                    }
+                    if try await inSync() { continue }
+                    break
+                }
+                bitmap.clear(start, runLength)
+                var pos = start
+                let end = start + runLength
+                while pos < end {
+                    let step: CopyStep
+                    do throws(BlockError) {
+                        step = try await plan(pos, end - pos)
+                    } catch {
+                        bitmap.mark(pos, end - pos)
+                        if await controller.errorAction(errno: error.errnoOrEIO, isRead: true) == .report { throw error }
+                        break
+                    }
+                    precondition(step.offset == pos && step.length > 0, "a plan must start at its offset")
+                    pos += step.length
+                    if step.method == .skip {
+                        controller.progressUpdate(UInt64(step.length))
+                        continue
+                    }
+                    while running.count >= options.inFlight, let o = await running.collect() {
+                        try settle(o)
+                    }
+                    running.start(step, perform)
+                    delay = controller.rateLimitDelay(UInt64(step.length))
+                }
+                cursor = end
+            }
+            while let o = await running.collect() { try settle(o) }
+        } catch {
+            await running.waitAll()
+            throw error
+        }
+    }
+
+    // MARK: - Steps in flight
+
+    fileprivate func takeBuffer() -> AlignedBuffer {
+        buffers.withLock { $0.popLast() } ?? AlignedBuffer(count: Int(options.chunk))
+    }
+
+    fileprivate func giveBack(_ b: AlignedBuffer) { buffers.withLock { $0.append(b) } }
+
+    fileprivate func copied(_ n: Int64) async {
+        guard let target = options.writebackTarget else { return }
+        let total = writebackBytes.add(n, ordering: .relaxed).newValue
+        if total >= Self.writebackEvery {
+            writebackBytes.store(0, ordering: .relaxed)
+            await target.startWriteback()
+        }
+    }
+
+    /// A finished step, and for a failed one the error and what the policy
+    /// said about it (asked in step order, as QEMU's loops do).
+    fileprivate struct Outcome {
+        var step: CopyStep
+        var failure: CopyFailure?
+        var action: BlockErrorAction?
+    }
+
+    /// The steps in flight of one copy (owned by its coordinating loop),
+    /// oldest first.
+    fileprivate struct Running {
+        let engine: BlockCopy
+        let controller: any CopyController
+        private var tasks: [(CopyStep, Task<CopyFailure?, Never>)] = []
+        private var next = 0
+
+        init(_ engine: BlockCopy, _ controller: any CopyController) {
+            self.engine = engine
+            self.controller = controller
+        }
+
+        var count: Int { tasks.count }
+        var bytes: Int64 { tasks.reduce(0) { $0 + $1.0.length } }
+
+        mutating func start(_ step: CopyStep, _ perform: @escaping Perform) {
+            let engine = self.engine
+            let executor: (any TaskExecutor)? = engine.options.executors.isEmpty
+                ? nil : engine.options.executors[next % engine.options.executors.count]
+            next += 1
+            let task = Task<CopyFailure?, Never>(executorPreference: executor) {
+                let buffer = engine.takeBuffer()
+                defer { engine.giveBack(buffer) }
+                do throws(CopyFailure) {
+                    try await perform(step, buffer.bytes)
+                } catch {
+                    return error
+                }
+                if step.method == .copy { await engine.copied(step.length) }
+                return nil
+            }
+            tasks.append((step, task))
+        }
+
+        /// Waits for the oldest step (nil: none running).
+        mutating func collect() async -> Outcome? {
+            guard !tasks.isEmpty else { return nil }
+            let (step, task) = tasks.removeFirst()
+            guard let failure = await task.value else { return Outcome(step: step) }
+            let action = await controller.errorAction(errno: failure.error.errnoOrEIO, isRead: failure.isRead)
+            return Outcome(step: step, failure: failure, action: action)
+        }
+
+        /// Waits for every step still running, dropping their outcomes (the
+        /// copy has failed already): nothing is left doing I/O.
+        mutating func waitAll() async {
+            while !tasks.isEmpty {
+                _ = await tasks.removeFirst().1.value
+            }
+        }
+    }
+}
+
+extension BlockError {
+    /// The errno a job's error policy sees (EIO when none).
+    public var errnoOrEIO: Int32 { errno != 0 ? errno : 5 }
+}
