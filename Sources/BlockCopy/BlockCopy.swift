@@ -82,16 +82,25 @@ public final class BlockCopy: Sendable {
     }
 
     public struct Options: Sendable {
-        /// The largest step.
+        /// The largest step (and the buffer each step gets).
         public var chunk: Int64
+        /// `copyDirty`: the most dirty data one iteration takes on before
+        /// its pause point and rate-limit sleep (QEMU's mirror buf_size).
+        public var runLength: Int64
+        /// `copyDirty`: zero and discard steps do not count against the
+        /// rate limit (QEMU: the target can write zeroes with unmap).
+        public var freeZeroes: Bool
         /// Steps running at once.
         public var inFlight: Int
         /// Where steps run; empty: on the coordinating task's executor.
         public var executors: [any TaskExecutor]
         /// Kept writing back while copying (nil: none).
         public var writebackTarget: BlockNode?
-        public init(chunk: Int64, inFlight: Int = 1, executors: [any TaskExecutor] = [], writebackTarget: BlockNode? = nil) {
+        public init(chunk: Int64, runLength: Int64? = nil, freeZeroes: Bool = false, inFlight: Int = 1,
+                    executors: [any TaskExecutor] = [], writebackTarget: BlockNode? = nil) {
             self.chunk = chunk
+            self.runLength = runLength ?? chunk
+            self.freeZeroes = freeZeroes
             self.inFlight = max(1, inFlight)
             self.executors = executors
             self.writebackTarget = writebackTarget
@@ -232,8 +241,8 @@ public final class BlockCopy: Sendable {
                 delay = 0
                 if controller.cancelRequested { break }
                 controller.progressSetRemaining(UInt64(bitmap.dirtyBytes) + UInt64(running.bytes))
-                guard let (start, runLength) = bitmap.nextDirtyRun(from: cursor, maxLength: options.chunk)
-                    ?? bitmap.nextDirtyRun(from: 0, maxLength: options.chunk) else {
+                guard let (start, runLength) = bitmap.nextDirtyRun(from: cursor, maxLength: options.runLength)
+                    ?? bitmap.nextDirtyRun(from: 0, maxLength: options.runLength) else {
                     if let o = await running.collect() {
                         try settle(o)
                         continue
@@ -263,7 +272,8 @@ public final class BlockCopy: Sendable {
                         try settle(o)
                     }
                     running.start(step, perform)
-                    delay = controller.rateLimitDelay(UInt64(step.length))
+                    let counted = step.method == .copy || !options.freeZeroes ? step.length : 0
+                    delay = controller.rateLimitDelay(UInt64(counted))
                 }
                 cursor = end
             }

@@ -13,6 +13,10 @@ public final class BlockBackend: BlockParent {
     public let root: BlockChild
     /// QEMU's blk name (qemu-storage-daemon's backends have none).
     public let name: String?
+    /// QEMU's blk_set_disable_request_queuing: requests never wait at the
+    /// gate (a job's backend: the job itself stops at its pause point, and
+    /// a drain waits for that, so holding its requests would deadlock).
+    public let queuesRequests: Bool
 
     private struct Gate {
         var inFlight = 0
@@ -22,15 +26,22 @@ public final class BlockBackend: BlockParent {
         var drained: [UnsafeContinuation<Void, Never>] = []
     }
     private let gate = Mutex(Gate())
+    /// The backend let go of its node (`Graph.detach`): at most once.
+    private let released = Atomic<Bool>(false)
 
     /// A backend on `node`, taking `perm` and sharing `shared`; the edge
     /// takes a reference of `node`. Not attached yet (`Graph.attach`).
-    public init(node: BlockNode, perm: BlockPermissions, shared: BlockPermissions, name: String? = nil) {
+    public init(node: BlockNode, perm: BlockPermissions, shared: BlockPermissions, name: String? = nil,
+                queuesRequests: Bool = true) {
         node.retain()
         self.name = name
+        self.queuesRequests = queuesRequests
         self.root = BlockChild(name: "root", role: [], node: node)
         root.setPermissions(perm, shared)
     }
+
+    /// Marks the backend released; true the first time only.
+    func markReleased() -> Bool { !released.exchange(true, ordering: .acquiringAndReleasing) }
 
     /// The node requests go to now (it changes when the node is replaced).
     public var node: BlockNode { root.node }
@@ -46,7 +57,7 @@ public final class BlockBackend: BlockParent {
         while entered == nil {
             await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
                 let resumeNow = gate.withLock { g -> Bool in
-                    if g.quiesceCount == 0 { return true }
+                    if g.quiesceCount == 0 || !queuesRequests { return true }
                     g.waitingToEnter.append(c)
                     return false
                 }
@@ -60,7 +71,7 @@ public final class BlockBackend: BlockParent {
 
     private func enter() -> BlockNode? {
         let ok = gate.withLock { g -> Bool in
-            if g.quiesceCount > 0 { return false }
+            if g.quiesceCount > 0 && queuesRequests { return false }
             g.inFlight += 1
             return true
         }

@@ -144,20 +144,23 @@ public final class Graph {
         } catch {
             backend.root.detach()
             try? PermissionUpdate.refresh([backend.node])
-            try? await backend.node.close()
+            await detach(backend)
             throw error
         }
         backends.append(backend)
     }
 
-    /// Detaches a backend (QEMU's blk_unref of the last reference): its
-    /// node's permissions loosen, its reference is dropped.
+    /// Lets go of a backend (QEMU's blk_unref of the last reference): an
+    /// attached one is detached and its node's permissions loosen; either
+    /// way its reference of the node is dropped, once.
     public func detach(_ backend: BlockBackend) async {
-        guard let i = backends.firstIndex(where: { $0 === backend }) else { return }
-        backends.remove(at: i)
+        guard backend.markReleased() else { return }
         let node = backend.node
-        backend.root.detach()
-        try? PermissionUpdate.refresh([node])
+        if let i = backends.firstIndex(where: { $0 === backend }) {
+            backends.remove(at: i)
+            backend.root.detach()
+            try? PermissionUpdate.refresh([node])
+        }
         try? await node.close()
         sweepClosed()
     }

@@ -7,12 +7,17 @@ import BlockCore
 extension Graph {
     // MARK: - Drained sections
 
-    /// Runs `body` with `nodes` drained (QEMU's bdrv_drained_begin/end):
-    /// every backend and job above them stops sending requests and the
-    /// requests in flight in them finish first. `except` is the caller,
-    /// when a job drains its own nodes.
-    public func drained<T>(_ nodes: [BlockNode], except: (any BlockParent)? = nil,
-                           _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
+    /// An open drained section (`drainBegin` ... `drainEnd`).
+    public struct DrainedSection: Sendable {
+        let parents: [any BlockParent]
+    }
+
+    /// QEMU's bdrv_drained_begin over `nodes`: every backend and job above
+    /// them stops sending requests (a job pauses at its next pause point),
+    /// and the requests in flight finish first. `except` is the caller,
+    /// when a job drains its own nodes. Sections nest; each `drainBegin`
+    /// is paired with one `drainEnd`.
+    public func drainBegin(_ nodes: [BlockNode], except: (any BlockParent)? = nil) async -> DrainedSection {
         var seenNodes = Set<ObjectIdentifier>()
         var seenParents = Set<ObjectIdentifier>()
         var visited: [BlockNode] = []
@@ -32,8 +37,26 @@ extension Graph {
         nodes.forEach(walk)
         for p in quiesced { await p.drainBegin() }
         for n in visited { await n.requests.waitIdle() }
-        defer { for p in quiesced.reversed() { p.drainEnd() } }
+        return DrainedSection(parents: quiesced)
+    }
+
+    /// QEMU's bdrv_drained_end: the section's backends and jobs go on.
+    public func drainEnd(_ section: DrainedSection) {
+        for p in section.parents.reversed() { p.drainEnd() }
+    }
+
+    /// Runs `body` with `nodes` drained (`drainBegin` ... `drainEnd`).
+    public func drained<T>(_ nodes: [BlockNode], except: (any BlockParent)? = nil,
+                           _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
+        let section = await drainBegin(nodes, except: except)
+        defer { drainEnd(section) }
         return try await body()
+    }
+
+    /// QEMU's bdrv_drain_all: every node drained once (every job goes
+    /// through a pause point), then released.
+    public func drainAll() async {
+        drainEnd(await drainBegin(nodes))
     }
 
     // MARK: - Replacing nodes

@@ -24,9 +24,10 @@ public final class ActiveCommitJob: BlockJobDriver {
     private let shouldComplete = Atomic<Bool>(false)
     private let exited = Atomic<Bool>(false)
 
-    /// QEMU's MAX_IO_BYTES and MAX_IN_FLIGHT.
+    /// QEMU's MAX_IO_BYTES, MAX_IN_FLIGHT and DEFAULT_MIRROR_BUF_SIZE.
     public static let maxIO: Int64 = 1 << 20
     public static let maxInFlight = 16
+    public static let bufSize: Int64 = 16 << 20
 
     public var type: JobType { .commit }
 
@@ -68,9 +69,11 @@ public final class ActiveCommitJob: BlockJobDriver {
                 throw error
             }
             filter = f
+            editor.filterInserted(f, namedAfterChild: true)
             var targetPerm: BlockPermissions = .write
             if base.length < top.length { targetPerm.insert(.resize) }
-            let blk = BlockBackend(node: base, perm: targetPerm, shared: [.writeUnchanged, .consistentRead, .write])
+            let blk = BlockBackend(node: base, perm: targetPerm, shared: [.writeUnchanged, .consistentRead, .write],
+                                   queuesRequests: false)
             let d = ActiveCommitJob(source: top, base: base, filter: f, targetBlk: blk,
                                     granularity: BlockCopy.defaultGranularity(of: base), editor: editor)
             driver = d
@@ -106,8 +109,11 @@ public final class ActiveCommitJob: BlockJobDriver {
     }
 
     private var engine: BlockCopy {
-        BlockCopy(.init(chunk: Self.maxIO, inFlight: Self.maxInFlight,
-                        executors: source.context?.transferExecutors ?? [], writebackTarget: base))
+        // QEMU's bdrv_can_write_zeroes_with_unmap: zeroes cost nothing
+        // when the base may unmap.
+        BlockCopy(.init(chunk: Self.maxIO, runLength: Self.bufSize, freeZeroes: base.policy.discardUnmap,
+                        inFlight: Self.maxInFlight, executors: source.context?.transferExecutors ?? [],
+                        writebackTarget: base))
     }
 
     /// One step into the base: data read from the source, zeroes, or a discard.

@@ -70,10 +70,13 @@ public final class CommitJob: BlockJobDriver {
             // The driver needs the filter and backends: build them first,
             // attach them once the job exists (QEMU's order of checks).
             top.retain()
+            // QEMU opens it with no flags: read-only.
             let f = BlockNode(driver: JobTopFilter(kind: .commitTop, over: top), filename: graph.displayFilename(top),
-                              readOnly: false)
-            let baseBlk = BlockBackend(node: base, perm: basePerms, shared: [.consistentRead, .writeUnchanged])
-            let topBlk = BlockBackend(node: top, perm: [], shared: .all)
+                              readOnly: true)
+            let baseBlk = BlockBackend(node: base, perm: basePerms, shared: [.consistentRead, .writeUnchanged],
+                                       queuesRequests: false)
+            let topBlk = BlockBackend(node: top, perm: [], shared: .all, queuesRequests: false)
+            blks = [baseBlk, topBlk]
             let driver = CommitJob(top: top, base: base, baseOverlay: baseOverlay, backingFile: backingFile,
                                    reopened: reopened, commitTop: f, baseBlk: baseBlk, topBlk: topBlk, editor: editor)
             let j: Job
@@ -83,8 +86,6 @@ public final class CommitJob: BlockJobDriver {
                                                   mainNode: bs, perm: [], shared: .all)
             } catch {
                 try? await f.close()
-                try? await baseBlk.node.close()
-                try? await topBlk.node.close()
                 throw error
             }
             job = j
@@ -94,14 +95,13 @@ public final class CommitJob: BlockJobDriver {
                 try await graph.insertFilter(f, above: top)
             } catch {
                 try? await f.close()
-                try? await baseBlk.node.close()
-                try? await topBlk.node.close()
                 graph.sweepClosed()
                 throw error
             }
             // The filter's users hold it now.
             try? await f.close()
             filter = f
+            editor.filterInserted(f, namedAfterChild: true)
             // Every layer from top down to base leaves the chain: nobody
             // reads it consistently or resizes it meanwhile.
             var n: BlockNode? = top
@@ -111,9 +111,7 @@ public final class CommitJob: BlockJobDriver {
             }
             try await j.nodes?.add("base", base, perm: [], shared: .all)
             try await graph.attach(baseBlk)
-            blks.append(baseBlk)
             try await graph.attach(topBlk)
-            blks.append(topBlk)
             jobs.start(j)
             return j
         } catch {

@@ -11,6 +11,10 @@ public protocol GraphEditor: AnyObject, Sendable {
     /// `overlay`'s backing is now `base`, its header names `name`: the
     /// file names that mention either are refreshed.
     func backingChanged(of overlay: BlockNode, to base: BlockNode?, name: String?)
+    /// A job inserted `filter`: its file name, which QEMU takes from the
+    /// child for implicit filters and filters that name themselves after
+    /// it (`namedAfterChild`), else builds from its options.
+    func filterInserted(_ filter: BlockNode, namedAfterChild: Bool)
 }
 
 extension GraphEditor {

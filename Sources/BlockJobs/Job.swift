@@ -217,13 +217,14 @@ public final class Job: CopyController, Sendable {
     }
 
     /// A drained section over the job's nodes (QEMU's job_pause from
-    /// child_job_drained_begin): the body stops at its next pause point;
-    /// returns once it is not busy.
+    /// child_job_drained_begin, which enters a sleeping job): the body goes
+    /// to its next pause point and parks there (JOB_STATUS_CHANGE paused);
+    /// returns once it is parked, or has returned.
     func drainPause() async {
         shared.withLock { $0.pauseCount += 1 }
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
             let now = shared.withLock { s -> Bool in
-                if !s.busy || s.finished || !s.started { return true }
+                if s.paused || s.finished || !s.started || s.cancelled { return true }
                 s.idleWaiters.append(c)
                 return false
             }

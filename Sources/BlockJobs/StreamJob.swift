@@ -71,7 +71,10 @@ public final class StreamJob: BlockJobDriver {
                 throw error.prefixed("Could not replace node: ")
             }
             filter = f
-            let b = BlockBackend(node: f, perm: .consistentRead, shared: [.consistentRead, .writeUnchanged, .write])
+            editor.filterInserted(f, namedAfterChild: false)
+            let b = BlockBackend(node: f, perm: .consistentRead, shared: [.consistentRead, .writeUnchanged, .write],
+                                 queuesRequests: false)
+            blk = b
             let driver = StreamJob(target: bs, bottom: bottom, backingFile: backingFile, reopened: reopened,
                                    filter: f, blk: b, editor: editor)
             let j = try await jobs.createBlockJob(id: id, driver: driver, speed: speed, onError: onError,
@@ -79,7 +82,6 @@ public final class StreamJob: BlockJobDriver {
                                                   mainNode: f, perm: [], shared: .all)
             job = j
             try await graph.attach(b)
-            blk = b
             let basic: BlockPermissions = [.consistentRead, .writeUnchanged]
             try await j.nodes?.add("active node", bs, perm: [], shared: basic.union(.write))
             // Every layer that leaves the chain: nobody may change it.

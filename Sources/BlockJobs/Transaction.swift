@@ -1,4 +1,5 @@
 import BlockCore
+import BlockGraph
 
 /// One action of a `transaction` (QEMU's BlkActionOps): `prepare` does the
 /// work that may fail, in a way `abort` can undo; then exactly one of
@@ -20,13 +21,15 @@ extension TransactionAction {
     public func clean() async {}
 }
 
-/// QEMU 7.2's qmp_transaction: every action is prepared in order; at the
-/// first failure every action prepared so far, the failed one included,
-/// is aborted (newest first) and the error is returned; otherwise every
+/// QEMU 7.2's qmp_transaction: all I/O is drained once (every job goes
+/// through a pause point); every action is prepared in order; at the first
+/// failure every action prepared so far, the failed one included, is
+/// aborted (newest first) and the error is returned; otherwise every
 /// action is committed. Then every action started is cleaned.
 @ControlActor
 public enum Transaction {
-    public static func run(_ actions: [any TransactionAction]) async throws(BlockError) {
+    public static func run(_ actions: [any TransactionAction], graph: Graph) async throws(BlockError) {
+        await graph.drainAll()
         var started: [any TransactionAction] = []
         var failure: BlockError?
         for a in actions {

@@ -4,6 +4,7 @@ import Glibc
 import BlockCore
 import BlockGraph
 import BlockJobs
+import LaminaJSON
 import QMP
 
 /// block-stream and block-commit: QEMU 7.2's QMP checks in its order, then
@@ -175,5 +176,15 @@ extension Daemon: GraphEditor {
         } else {
             rec.jsonFilename = nil
         }
+    }
+
+    /// QEMU's bdrv_refresh_filename for a job's filter: an implicit one,
+    /// or one whose driver names it after its child, shows the child's
+    /// file name; a named copy-on-read filter shows its options.
+    public func filterInserted(_ filter: BlockNode, namedAfterChild: Bool) {
+        guard let rec = graph.entry(filter), !filter.isImplicit, !namedAfterChild,
+              let child = filter.filteredChild else { return }
+        rec.jsonFilename = "json:" + JSON.object([("driver", .string(filter.formatName)),
+                                                  (child.name, graph.fullOptions(child.node))]).compact
     }
 }

@@ -87,6 +87,8 @@ final class ExternalSnapshotAction: TransactionAction {
     /// The overlay was opened by this action (closed again on abort).
     private var openedHere = false
     private var appended = false
+    /// QEMU drains the old node from prepare to clean.
+    private var section: Graph.DrainedSection?
 
     init(_ daemon: Daemon, _ spec: SnapshotAction) {
         self.daemon = daemon
@@ -103,6 +105,7 @@ final class ExternalSnapshotAction: TransactionAction {
         case .snapshot(let node, let overlayName):
             old = try lookupOld(device: node, nodeName: node)
             self.old = old
+            section = await graph.drainBegin([old.node])
             try checkSource(old)
             guard let o = graph.find(overlayName) else {
                 throw BlockError(.notFound, errno: ENOENT, "Cannot find device='\(overlayName)' nor node-name='\(overlayName)'")
@@ -111,6 +114,7 @@ final class ExternalSnapshotAction: TransactionAction {
         case .sync(let device, let nodeName, let file, let snapName, let format, let existing):
             old = try lookupOld(device: device, nodeName: nodeName)
             self.old = old
+            section = await graph.drainBegin([old.node])
             try checkSource(old)
             if nodeName != nil && snapName == nil {
                 throw BlockError.invalid("New overlay node-name missing")
@@ -249,6 +253,12 @@ final class ExternalSnapshotAction: TransactionAction {
         graph.sweepClosed()
         graph.refreshAll()
     }
+
+    /// QEMU's external_snapshot_clean: the old node's drained section ends.
+    func clean() async {
+        if let section { graph.drainEnd(section) }
+        section = nil
+    }
 }
 
 extension Daemon {
@@ -257,6 +267,6 @@ extension Daemon {
         try await Transaction.run(actions.map { a -> any TransactionAction in
             if case .abort = a { return AbortAction() }
             return ExternalSnapshotAction(self, a)
-        })
+        }, graph: graph)
     }
 }

@@ -299,15 +299,45 @@ final class JobRun: @unchecked Sendable {
     /// file, backing file, read-only; implicit names collapsed, sorted.
     func nodeSummary() throws -> [String] {
         let nodes = try query("query-named-block-nodes", ["flat": true]).arrayValue ?? []
-        // Deliberate deviation (docs/notes/deviations.md): QEMU 7.2 shows the
-        // copy-on-read filter node block-stream inserts; Lamina has none.
-        return nodes.filter { $0["drv"]?.stringValue != "copy-on-read" }.map { n in
+        return nodes.map { n in
             canonical(.array([n["node-name"] ?? .null, n["drv"] ?? .null, n["file"] ?? .null,
                               n["backing_file"] ?? .null, n["ro"] ?? .null])).compact
         }.sorted()
     }
 
     func nodesFact(_ key: String) throws { fact(key, try nodeSummary().joined(separator: "\n")) }
+
+    /// x-debug-query-block-graph in QEMU's order, ids replaced by names
+    /// (implicit node names collapsed, backends as "backend", jobs by id):
+    /// every node, then every edge with its permissions.
+    func graphSummary() throws -> String {
+        let g = try query("x-debug-query-block-graph")
+        var names: [Int64: String] = [:]
+        var lines: [String] = []
+        for n in g["nodes"]?.arrayValue ?? [] {
+            let type = n["type"]?.stringValue ?? "?"
+            var name = n["name"]?.stringValue ?? ""
+            if name.hasPrefix("#block") { name = "#block" }
+            if type == "block-backend" { name = "backend" }
+            names[n["id"]?.int64Value ?? -1] = name
+            lines.append("\(type) \(name)")
+        }
+        for e in g["edges"]?.arrayValue ?? [] {
+            let p = names[e["parent"]?.int64Value ?? -1] ?? "?", c = names[e["child"]?.int64Value ?? -1] ?? "?"
+            let perm = (e["perm"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")
+            let shared = (e["shared-perm"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")
+            lines.append("\(p) -\(e["name"]?.stringValue ?? "?")-> \(c) perm=\(perm) shared=\(shared)")
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    func graphFact(_ key: String) throws { fact(key, try graphSummary()) }
+
+    /// query-block-exports: which node each export serves now.
+    func exportsFact(_ key: String) throws {
+        let e = try query("query-block-exports").arrayValue ?? []
+        fact(key, e.map { canonical(.array([$0["id"] ?? .null, $0["node-name"] ?? .null])).compact }.joined(separator: "\n"))
+    }
 
     /// The job list without the volatile fields (offset, busy); an error
     /// answer is summarized as itself.

@@ -1,0 +1,144 @@
+import Foundation
+import LaminaJSON
+import QMP
+import TestSupport
+import Testing
+
+/// The block graph while jobs run, compared with qemu-storage-daemon 7.2:
+/// the filter nodes jobs insert (copy-on-read for block-stream, commit_top
+/// for an intermediate commit, mirror_top for an active commit), named by
+/// filter-node-name or implicit; the exports moved onto them and back; the
+/// jobs' own edges and backends in x-debug-query-block-graph, with their
+/// permissions; what other commands say about the nodes meanwhile; and
+/// that all of it is gone once the job is over (completed or cancelled).
+@Suite("Block graph during jobs compared with qemu-storage-daemon", .serialized)
+struct GraphDuringJobsTests {
+    typealias D = ChainData
+    static let everything = D.a + D.b + D.c + D.d
+
+    /// The facts of a graph at one moment.
+    static func snapshot(_ r: JobRun, _ when: String) throws {
+        try r.graphFact("graph \(when)")
+        try r.exportsFact("exports \(when)")
+        try r.nodesFact("nodes \(when)")
+    }
+
+    @Test("block-stream: an implicit copy-on-read filter above the device, the export on it; after a cancel, the graph as before")
+    func streamImplicitFilterCancelled() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            try Self.snapshot(r, "before")
+            let m = try r.startJob("block-stream", ["device": "node-D", "job-id": "job0", "speed": 1])
+            try Self.snapshot(r, "during")
+            let c = r.mark
+            try r.ok("block-job-cancel", ["device": "job0"])
+            try r.waitStatus("job0", "null", from: c)
+            #expect(r.events[m...].contains { $0["event"] == "BLOCK_JOB_CANCELLED" }, "\(r.label)")
+            try Self.snapshot(r, "after")
+            try r.nbdWrite(D.post)
+            try r.quit()
+            try r.checkImages()
+            try r.expectContent("d.qcow2", Self.everything + D.post, "A+B+C+D+post")
+        }
+    }
+
+    @Test("block-stream with filter-node-name: the named filter, what other commands say meanwhile, writes through it; after COMPLETED the filter is gone")
+    func streamNamedFilterCompleted() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            let m = try r.startJob("block-stream", ["device": "node-D", "base-node": "node-A", "job-id": "job0",
+                                                    "speed": 1, "filter-node-name": "cor0"])
+            try Self.snapshot(r, "during")
+            // The device and the filter are no root nodes now; every node
+            // of the chain is blocked by the job.
+            r.bad("block-commit", ["device": "node-D", "job-id": "j1"])
+            r.bad("block-commit", ["device": "cor0", "job-id": "j1"])
+            r.bad("block-stream", ["device": "node-D", "job-id": "j1"])
+            r.bad("block-stream", ["device": "node-C", "job-id": "j1"])
+            r.bad("blockdev-snapshot-sync", ["node-name": "node-D", "snapshot-file": .string(r.path("e.qcow2")),
+                                             "snapshot-node-name": "node-E", "format": "qcow2"])
+            r.bad("blockdev-del", ["node-name": "node-C"])
+            r.bad("blockdev-del", ["node-name": "cor0"])
+            r.bad("blockdev-add", ["driver": "null-co", "node-name": "cor0"])
+            // Guest writes go through the filter meanwhile.
+            try r.nbdWrite(D.post)
+            let s = r.mark
+            try r.ok("block-job-set-speed", ["device": "job0", "speed": 0])
+            try r.waitStatus("job0", "null", from: s)
+            #expect(r.events[m...].contains { $0["event"] == "BLOCK_JOB_COMPLETED" }, "\(r.label)")
+            try Self.snapshot(r, "after")
+            try r.quit()
+            try r.chainFact("d.qcow2", expect: ["d.qcow2", "a.qcow2"])
+            try r.checkImages()
+            try r.expectContent("d.qcow2", Self.everything + D.post, "A+B+C+D+post")
+        }
+    }
+
+    @Test("block-stream: a filter-node-name already in use, or invalid, refuses the job and changes nothing")
+    func streamBadFilterName() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            r.bad("block-stream", ["device": "node-D", "job-id": "job0", "filter-node-name": "node-B"])
+            r.bad("block-stream", ["device": "node-D", "job-id": "job0", "filter-node-name": "1bad"])
+            r.bad("block-stream", ["device": "node-D", "job-id": "", "filter-node-name": "cor0"])
+            try Self.snapshot(r, "after")
+            r.cmd("query-block-jobs")
+        }
+    }
+
+    @Test("block-commit below the active layer: commit_top above top, the job's edges and backends; after a cancel the overlay reads top again; after COMPLETED the layers are gone")
+    func intermediateCommitGraph() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            var m = try r.startJob("block-commit", ["device": "node-D", "top-node": "node-C", "base-node": "node-A",
+                                                    "job-id": "job0", "speed": 1])
+            try Self.snapshot(r, "during the first commit")
+            r.bad("block-stream", ["device": "node-D", "job-id": "j1"])
+            r.bad("block-commit", ["device": "node-D", "top-node": "node-C", "job-id": "j1"])
+            let c = r.mark
+            try r.ok("block-job-cancel", ["device": "job0"])
+            try r.waitStatus("job0", "null", from: c)
+            try Self.snapshot(r, "after the cancel")
+            m = try r.startJob("block-commit", ["device": "node-D", "top-node": "node-C", "base-node": "node-A",
+                                                "job-id": "job1", "speed": 1, "filter-node-name": "ctop"])
+            try Self.snapshot(r, "during the second commit")
+            try r.nbdWrite(D.post)
+            let s = r.mark
+            try r.ok("block-job-set-speed", ["device": "job1", "speed": 0])
+            try r.waitStatus("job1", "null", from: s)
+            #expect(r.events[m...].contains { $0["event"] == "BLOCK_JOB_COMPLETED" }, "\(r.label)")
+            try Self.snapshot(r, "after COMPLETED")
+            try r.quit()
+            try r.chainFact("d.qcow2", expect: ["d.qcow2", "a.qcow2"])
+            try r.checkImages()
+            try r.expectContent("d.qcow2", Self.everything + D.post, "A+B+C+D+post")
+            try r.expectContent("a.qcow2", D.a + D.b + D.c, "A+B+C")
+        }
+    }
+
+    @Test("active block-commit: mirror_top above the active layer, the export on it; a cancel before READY puts the export back; complete moves it to the base")
+    func activeCommitGraph() {
+        JobParity.both { r in
+            try r.startSeedWalkthrough()
+            let m = try r.startJob("block-commit", ["device": "node-D", "job-id": "job0", "speed": 1])
+            try Self.snapshot(r, "during the first commit")
+            let c = r.mark
+            try r.ok("block-job-cancel", ["device": "job0"])
+            try r.waitStatus("job0", "null", from: c)
+            #expect(r.events[m...].contains { $0["event"] == "BLOCK_JOB_CANCELLED" }, "\(r.label)")
+            try Self.snapshot(r, "after the cancel")
+            let m2 = try r.startJob("block-commit", ["device": "node-D", "job-id": "job1",
+                                                     "filter-node-name": "mtop"])
+            try r.waitEvent("BLOCK_JOB_READY", from: m2)
+            try Self.snapshot(r, "when READY")
+            let d = r.mark
+            try r.ok("block-job-complete", ["device": "job1"])
+            try r.waitStatus("job1", "null", from: d)
+            try Self.snapshot(r, "after COMPLETED")
+            try r.nbdWrite(D.post)
+            try r.quit()
+            try r.checkImages()
+            try r.expectContent("a.qcow2", Self.everything + D.post, "A+B+C+D+post")
+        }
+    }
+}
