@@ -191,6 +191,10 @@ public protocol BackingDriver: BlockDriver {
     /// QEMU's bdrv_change_backing_file: rewrites the header's backing file
     /// name and format (nil: no backing file).
     func changeBackingFile(_ name: String?, format: String?) async throws(BlockError)
+    /// The errno `changeBackingFile(name, format:)` would fail with (0: it
+    /// would succeed), so a caller can refuse before changing anything.
+    /// Changes nothing.
+    func backingChangeErrno(_ name: String?, format: String?) async -> Int32
 }
 
 /// Drivers that sit directly on a host file and can say how much of it is

@@ -108,7 +108,7 @@ enum BitmapCommand {
     }
 
     /// Looks a bitmap up by name on a node (QEMU's block_dirty_bitmap_lookup).
-    static func lookup(_ node: BlockNode, _ name: String) async throws(BlockError) -> (Qcow2Image, Qcow2PersistentBitmap) {
+    static func lookup(_ node: BlockNode, _ name: String) async throws(BlockError) -> (Qcow2Image, PersistentBitmapInfo) {
         guard let q = node.driver as? Qcow2Image,
               let b = await q.persistentBitmaps().first(where: { $0.name == name }) else { throw notFound(name) }
         return (q, b)

@@ -15,7 +15,7 @@ enum CheckCommand {
         ])
         var format: String?
         var output = "human"
-        var repair: Qcow2RepairMode = []
+        var repair: ImageRepairMode = []
         var quiet = false
         var forceShare = false
         var cache = CacheMode(direct: false, noFlush: false)
@@ -98,7 +98,7 @@ enum CheckCommand {
         return 0
     }
 
-    static func humanReport(_ r: Qcow2CheckResult) -> String {
+    static func humanReport(_ r: ImageCheckResult) -> String {
         var s = ""
         if r.corruptions == 0 && r.leaks == 0 && r.checkErrors == 0 {
             s += "No errors were found on the image.\n"

@@ -52,14 +52,6 @@ struct BitmapStoreState {
     var staleExtension = false
 }
 
-/// What a tool sees of one persistent bitmap of an open image.
-public struct Qcow2PersistentBitmap: Sendable, Equatable {
-    public var name: String
-    public var granularity: Int64
-    public var enabled: Bool
-    public var inconsistent: Bool
-}
-
 extension Qcow2Image {
     /// The program name warnings start with ("qemu-img: warning: ...").
     public static let programName = Mutex<String>("")
@@ -240,15 +232,15 @@ extension Qcow2Image {
         trackedBitmaps.withLock { $0 = active }
         trackingCount.store(active.count, ordering: .releasing)
         let catalog = bitmapStore.list.map {
-            (Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
-                                   enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
+            (PersistentBitmapInfo(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
+                                  enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
         }
         bitmapCatalog.withLock { $0 = catalog }
     }
 
     /// The persistent bitmaps and their live bits, without waiting for the
     /// image's lock (for callers that cannot suspend, e.g. export setup).
-    public func persistentBitmapsNow() -> [(Qcow2PersistentBitmap, DirtyBitmap?)] {
+    public func persistentBitmapsNow() -> [(PersistentBitmapInfo, DirtyBitmap?)] {
         bitmapCatalog.withLock { $0 }
     }
 
@@ -450,11 +442,11 @@ extension Qcow2Image {
     // MARK: - Operations (qemu-img bitmap, convert --bitmaps)
 
     /// The persistent bitmaps of this open image, in directory order.
-    public func persistentBitmaps() async -> [Qcow2PersistentBitmap] {
+    public func persistentBitmaps() async -> [PersistentBitmapInfo] {
         await lock.withLock {
             bitmapStore.list.map {
-                Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
-                                      enabled: $0.enabled, inconsistent: $0.inconsistent)
+                PersistentBitmapInfo(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
+                                     enabled: $0.enabled, inconsistent: $0.inconsistent)
             }
         }
     }

@@ -106,7 +106,7 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
     let trackedBitmaps = Mutex<[DirtyBitmap]>([])
     let trackingCount = Atomic<Int>(0)
     /// What `persistentBitmapsNow()` answers (kept by updateTrackedBitmaps).
-    let bitmapCatalog = Mutex<[(Qcow2PersistentBitmap, DirtyBitmap?)]>([])
+    let bitmapCatalog = Mutex<[(PersistentBitmapInfo, DirtyBitmap?)]>([])
 
     public var formatName: String { "qcow2" }
     public var length: Int64 { sizeBox.load(ordering: .relaxed) }

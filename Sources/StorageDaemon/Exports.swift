@@ -154,7 +154,7 @@ extension ExportRegistry {
     func exportBitmaps(_ names: [String], node: BlockNode, writable: Bool) throws(BlockError) -> [String: DirtyBitmap] {
         var out: [String: DirtyBitmap] = [:]
         for name in names {
-            var found: (BlockNode, Qcow2PersistentBitmap, DirtyBitmap?)?
+            var found: (BlockNode, PersistentBitmapInfo, DirtyBitmap?)?
             var n: BlockNode? = node
             while let cur = n, found == nil {
                 if let q = cur.driver as? Qcow2Image, let e = q.persistentBitmapsNow().first(where: { $0.0.name == name }) {
