@@ -53,9 +53,6 @@ struct BitmapStoreState {
 }
 
 extension Qcow2Image {
-    /// The program name warnings start with ("qemu-img: warning: ...").
-    public static let programName = Mutex<String>("")
-
     /// Read-write open: a stale bitmaps extension goes (QEMU rewrites the
     /// header without it). Called with `lock` held.
     func dropStaleBitmapsExtensionLocked() async throws(BlockError) {
@@ -84,7 +81,7 @@ extension Qcow2Image {
             let what = header.version < 3
                 ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
                 : "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
-            let prog = Qcow2Image.programName.withLock { $0 }
+            let prog = BlockDiagnostics.programName.withLock { $0 }
             FileHandleStderr.write((prog.isEmpty ? "" : prog + ": ") + "warning: " + what + "\n"
                                    + "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
             bitmapStore.staleExtension = true
