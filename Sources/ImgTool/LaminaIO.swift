@@ -5,7 +5,6 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import BlockIO
-import Qcow2
 
 /// `lamina-io`: a qemu-io work-alike for scripting I/O against an image
 /// (tests, crash-safety runs): -c "write [-P pat] [-z [-u]] [-c] [-f] off len",
@@ -148,10 +147,10 @@ public enum LaminaIO {
             case "write":
                 if zero {
                     try await node.writeZeroes(at: off, length: len, flags: unmap ? [.mayUnmap] : [])
-                } else if compressed, let q = node.driver as? Qcow2Image {
+                } else if compressed, let q = node.driver as? any CompressedWrites {
                     let buf = AlignedBuffer(count: Int(len))
                     memset(buf.pointer, Int32(pattern ?? 0xcd), Int(len))
-                    let cs = Int64(q.clusterSize)
+                    let cs = Int64(await q.driverInfo().clusterSize)
                     var at: Int64 = 0
                     while at < len {
                         let n = Int(min(cs, len - at))
