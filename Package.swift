@@ -45,6 +45,12 @@ let package = Package(
         ),
         // JSON values with ordered members, QEMU's parser dialect and printers.
         .target(name: "LaminaJSON", swiftSettings: strict),
+        // Image info (qemu-img info, query-named-block-nodes) from driver capabilities.
+        .target(
+            name: "BlockInfo",
+            dependencies: ["BlockCore", "BlockGraph", "BlockDrivers", "LaminaJSON"],
+            swiftSettings: strict
+        ),
         // SwiftNIO glue shared by the servers: event loops as task executors, addresses.
         .target(
             name: "ServerKit",
@@ -79,8 +85,8 @@ let package = Package(
         .target(
             name: "StorageDaemon",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "ImgTool", "CLaminaSys",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "FileDriver", "RawDriver", "Qcow2",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockJobs", "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -90,7 +96,8 @@ let package = Package(
         .target(
             name: "ImgTool",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "FileDriver", "LaminaJSON",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "Qcow2", "FileDriver", "RawDriver",
+                "LaminaJSON",
             ],
             swiftSettings: strict
         ),

@@ -4,6 +4,7 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockInfo
 import RawDriver
 
 /// `snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename`

@@ -139,13 +139,13 @@ public struct ImageInfo: Sendable {
 }
 
 /// The column titles of `qemu-img snapshot -l` and info's snapshot list.
-func snapshotHeader() -> String {
+public func snapshotHeader() -> String {
     pad("ID", 10, left: true) + pad("TAG", 17, left: true) + pad("VM SIZE", 8) + pad("DATE", 20) + pad("VM CLOCK", 13) + pad("ICOUNT", 11)
 }
 
 /// One snapshot as `qemu-img snapshot -l` lists it (bdrv_snapshot_dump;
 /// the date in local time).
-func snapshotLine(_ sn: SnapshotInfo) -> String {
+public func snapshotLine(_ sn: SnapshotInfo) -> String {
     var t = time_t(sn.dateSec)
     var tmv = tm()
     localtime_r(&t, &tmv)
@@ -159,7 +159,7 @@ func snapshotLine(_ sn: SnapshotInfo) -> String {
 }
 
 /// printf's %-Ns / %Ns.
-func pad(_ s: String, _ width: Int, left: Bool = false) -> String {
+public func pad(_ s: String, _ width: Int, left: Bool = false) -> String {
     let n = s.count
     if n >= width { return s }
     let fill = String(repeating: " ", count: width - n)
@@ -202,4 +202,14 @@ extension String {
     func replacingDashes() -> String {
         String(map { $0 == "-" ? " " : $0 })
     }
+}
+
+/// QEMU's size_to_str: "196 KiB", "1 GiB", "1.5 GiB", "512 B".
+public func humanSize(_ v: UInt64) -> String {
+    let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+    var e: Int32 = 0
+    _ = frexp(Double(v) / (1000.0 / 1024.0), &e)
+    let i = max(0, Int((e - 1) / 10))
+    let div = Double(UInt64(1) << UInt64(i * 10))
+    return cPrintf("%0.3g", Double(v) / div) + " " + suffixes[i] + "B"
 }
