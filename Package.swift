@@ -53,6 +53,12 @@ let package = Package(
         ),
         // JSON values with ordered members, QEMU's parser dialect and printers.
         .target(name: "LaminaJSON", swiftSettings: strict),
+        // Image info (qemu-img info, query-named-block-nodes) from driver capabilities.
+        .target(
+            name: "BlockInfo",
+            dependencies: ["BlockCore", "BlockGraph", "BlockDrivers", "LaminaJSON"],
+            swiftSettings: strict
+        ),
         // SwiftNIO glue shared by the servers: event loops as task executors, addresses.
         .target(
             name: "ServerKit",
@@ -87,8 +93,8 @@ let package = Package(
         .target(
             name: "StorageDaemon",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs", "ImgTool", "CLaminaSys",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "FileDriver", "RawDriver", "Qcow2",
+                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs", "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -98,7 +104,8 @@ let package = Package(
         .target(
             name: "ImgTool",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "Qcow2", "FileDriver", "LaminaJSON",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "Qcow2", "FileDriver", "RawDriver",
+                "LaminaJSON",
             ],
             swiftSettings: strict
         ),

@@ -4,8 +4,8 @@ import BlockGraph
 extension BlockCopy {
     /// QEMU's bdrv_get_default_bitmap_granularity: the target's cluster
     /// size, at least 4 KiB and at most 64 KiB (64 KiB when unknown).
-    public static func defaultGranularity(of node: BlockNode) -> Int64 {
-        guard let cs = node.driver.info?.clusterSize, cs > 0 else { return 65536 }
+    public static func defaultGranularity(of node: BlockNode) async -> Int64 {
+        guard let cs = await node.driverInfo()?.clusterSize, cs > 0 else { return 65536 }
         return min(65536, max(4096, Int64(cs)))
     }
 

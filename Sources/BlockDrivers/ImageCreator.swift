@@ -66,30 +66,39 @@ public enum ImageCreator {
         try options.validate()
         let fileNode = try createHostFile(path)
         do throws(BlockError) {
-            try await Qcow2Creator.create(file: fileNode, options: options)
+            try await formatQcow2(on: fileNode, options: options)
         } catch {
             try? await fileNode.close()
             throw error
         }
-        if options.preallocation != .off {
-            var qo = Qcow2OpenOptions()
-            qo.readOnly = false
-            let img: Qcow2Image
-            do throws(BlockError) {
-                img = try await Qcow2Image.open(file: fileNode, options: qo)
-            } catch {
-                try? await fileNode.close()
-                throw error
-            }
-            do throws(BlockError) {
-                try await img.preallocate(options.preallocation)
-            } catch {
-                try? await img.close()
-                throw error
-            }
-            try await img.close()
-        } else {
-            try await fileNode.close()
+        try await fileNode.close()
+    }
+
+    /// Writes a new qcow2 image onto an existing, writable node (QEMU's
+    /// qcow2_co_create on a node: blockdev-create, or a new host file),
+    /// then preallocates it as `options.preallocation` says, with the image
+    /// opened on the node for the duration. `options` were validated by
+    /// the caller. The caller keeps its reference to `node` either way.
+    public static func formatQcow2(on node: BlockNode, options: Qcow2CreateOptions) async throws(BlockError) {
+        try await Qcow2Creator.create(file: node, options: options)
+        guard options.preallocation != .off else { return }
+        // The image takes a reference of its own, released when it closes.
+        node.retain()
+        var fo = FormatOpenOptions()
+        fo.readOnly = false
+        let img: Qcow2Image
+        do throws(BlockError) {
+            img = try await Qcow2Image.open(file: node, options: fo.qcow2)
+        } catch {
+            try? await node.close()
+            throw error
         }
+        do throws(BlockError) {
+            try await img.preallocate(options.preallocation)
+        } catch {
+            try? await img.close()
+            throw error
+        }
+        try await img.close()
     }
 }

@@ -132,20 +132,20 @@ public enum ImageOpener {
         case "file":
             return fileNode
         case "qcow2":
-            var qo = Qcow2OpenOptions()
-            qo.readOnly = options.readOnly
-            qo.noFlush = options.noFlush
-            qo.checkMode = options.checkMode
-            qo.noIO = options.noIO
-            let img: Qcow2Image
+            var fo = FormatOpenOptions()
+            fo.readOnly = options.readOnly
+            fo.noFlush = options.noFlush
+            fo.checkMode = options.checkMode
+            fo.noIO = options.noIO
+            let img: any BlockDriver
             do throws(BlockError) {
-                img = try await Qcow2Image.open(file: fileNode, options: qo)
+                img = try await FormatDrivers.open(format, file: fileNode, options: fo)
             } catch {
                 try? await fileNode.close()
                 throw error
             }
             let node = BlockNode(driver: img, filename: path, readOnly: options.readOnly)
-            if !options.noBacking, let b = img.backingFileName, !b.isEmpty {
+            if !options.noBacking, let img = img as? any BackingDriver, let b = img.backingFileName, !b.isEmpty {
                 let full = resolveBackingPath(b, overlay: path)
                 var bo = options
                 bo.format = img.backingFormat

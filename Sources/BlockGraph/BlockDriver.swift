@@ -89,13 +89,6 @@ public struct BlockLimits: Sendable, Equatable {
     }
 }
 
-/// QEMU's BlockDriverInfo: what `bdrv_get_info` answers.
-public struct BlockDriverInfo: Sendable, Equatable {
-    /// The allocation unit (copy-on-read rounds to it); 0: none.
-    public var clusterSize: Int
-    public init(clusterSize: Int) { self.clusterSize = clusterSize }
-}
-
 /// QAPI BlkdebugEvent: points in drivers where the blkdebug filter below
 /// them can inject errors (QEMU's BLKDBG_EVENT).
 public enum BlkdebugEvent: String, Sendable, CaseIterable {
@@ -201,8 +194,6 @@ public protocol BlockDriver: AnyObject, Sendable {
     var supportedWriteFlags: WriteFlags { get }
     /// The driver's own transfer limits. Default: none.
     var limits: BlockLimits { get }
-    /// QEMU's bdrv_get_info. Default: nil (nothing to tell).
-    var info: BlockDriverInfo? { get }
     /// QEMU's bdrv_debug_event, called by a parent driver on this child at
     /// the points `BlkdebugEvent` names. Default: nothing (only blkdebug acts).
     func debugEvent(_ event: BlkdebugEvent)
@@ -218,7 +209,6 @@ public extension BlockDriver {
     var isFilter: Bool { false }
     var limits: BlockLimits { BlockLimits() }
     var supportedWriteFlags: WriteFlags { [] }
-    var info: BlockDriverInfo? { nil }
     func debugEvent(_ event: BlkdebugEvent) {}
     func attached(to node: BlockNode) {}
     func removeChild(_ child: BlockChild) {
@@ -261,6 +251,10 @@ public protocol BackingDriver: BlockDriver {
     /// QEMU's bdrv_change_backing_file: rewrites the header's backing file
     /// name and format (nil: no backing file).
     func changeBackingFile(_ name: String?, format: String?) async throws(BlockError)
+    /// The errno `changeBackingFile(name, format:)` would fail with (0: it
+    /// would succeed), so a caller can refuse before changing anything.
+    /// Changes nothing.
+    func backingChangeErrno(_ name: String?, format: String?) async -> Int32
 }
 
 /// Filters that decide what a prefetch (QEMU's BDRV_REQ_PREFETCH) does

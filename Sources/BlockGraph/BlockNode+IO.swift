@@ -109,7 +109,7 @@ extension BlockNode {
     /// as they are. No dirty bitmap is marked: the data does not change.
     private func copyOnRead(_ offset: Int64, _ length: Int64,
                             into buffer: UnsafeMutableRawBufferPointer?) async throws(BlockError) {
-        let cs = Int64(max(driver.info?.clusterSize ?? 1, driver.requestAlignment, 1))
+        let cs = Int64(max(await driverInfo()?.clusterSize ?? 1, driver.requestAlignment, 1))
         let size = driver.length
         let start = alignDown(offset, cs)
         let end = Swift.min(alignUp(offset + length, cs), Swift.max(size, offset + length))

@@ -75,7 +75,7 @@ public final class ActiveCommitJob: BlockJobDriver {
             let blk = BlockBackend(node: base, perm: targetPerm, shared: [.writeUnchanged, .consistentRead, .write],
                                    queuesRequests: false)
             let d = ActiveCommitJob(source: top, base: base, filter: f, targetBlk: blk,
-                                    granularity: BlockCopy.defaultGranularity(of: base), editor: editor)
+                                    granularity: await BlockCopy.defaultGranularity(of: base), editor: editor)
             driver = d
             let j = try await jobs.createBlockJob(id: id, driver: d, speed: speed, onError: onError,
                                                   autoFinalize: autoFinalize, autoDismiss: autoDismiss,

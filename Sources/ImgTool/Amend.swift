@@ -1,9 +1,8 @@
 import BlockCore
 import BlockGraph
-import Qcow2
 
 /// `amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename`
-/// (QEMU's img_amend with qcow2_amend_options).
+/// (QEMU's img_amend; the driver's `Amendable.amend` carries the options out).
 enum AmendCommand {
     typealias Spec = CreateOptions.Spec
 
@@ -108,7 +107,7 @@ enum AmendCommand {
             if wantsHelp {
                 try printHelp(node.formatName)
             } else {
-                guard let img = node.driver as? Qcow2Image else {
+                guard let img = node.driver as? any Amendable else {
                     throw ToolError(message: "Format driver '\(node.formatName)' does not support option amendment")
                 }
                 var co = CreateOptions(format: "qcow2", specs: amendSpecs)
@@ -123,11 +122,15 @@ enum AmendCommand {
                     throw e
                 }
                 progress.advance(0, max: 0)
-                do throws(ToolError) {
-                    try await amendQcow2(img, node, co, progress)
+                // The options in the amend list's order (the order QEMU acts on them).
+                let amendOptions = amendSpecs.filter { co.has($0.name) }.map { (name: $0.name, value: co.value($0.name) ?? "") }
+                do throws(BlockError) {
+                    try await img.amend(amendOptions, node: node) { done, total in
+                        progress.advance(Float(100) * Float(done) / Float(total), max: 0)
+                    }
                 } catch {
                     progress.advance(100, max: 0)
-                    throw error
+                    throw ToolError(message: error.message)
                 }
                 progress.advance(100, max: 0)
             }
@@ -136,146 +139,5 @@ enum AmendCommand {
             throw error
         }
         await closeQuietly(node)
-    }
-
-    /// QEMU's Qcow2AmendHelperCBInfo: one progress scale over the operations.
-    final class StatusHelper {
-        enum Operation { case none, upgrading, changingRefcountOrder, downgrading }
-        let progress: Progress
-        let totalOperations: Int64
-        var current = Operation.none
-        var last = Operation.none
-        var offsetCompleted: Int64 = 0
-        var operationsCompleted: Int64 = 0
-        var lastWorkSize: Int64 = 0
-
-        init(progress: Progress, totalOperations: Int64) {
-            self.progress = progress
-            self.totalOperations = totalOperations
-        }
-
-        func report(_ offset: Int64, _ workSize: Int64) {
-            if current != last {
-                if last != .none {
-                    offsetCompleted += lastWorkSize
-                    operationsCompleted += 1
-                }
-                last = current
-            }
-            guard totalOperations > 0 else { return }
-            lastWorkSize = workSize
-            let currentWork = offsetCompleted + workSize
-            let projected = currentWork * (totalOperations - operationsCompleted - 1) / (operationsCompleted + 1)
-            let total = currentWork + projected
-            guard total != 0 else { return }
-            progress.advance(Float(100) * Float(offsetCompleted + offset) / Float(total), max: 0)
-        }
-    }
-
-    static func amendQcow2(_ img: Qcow2Image, _ node: BlockNode, _ co: CreateOptions, _ progress: Progress) async throws(ToolError) {
-        let h = await img.currentHeader()
-        let oldVersion = Int(h.version)
-        var newVersion = oldVersion
-        var newSize: UInt64 = 0
-        var backingFile: String?
-        var backingFormat: String?
-        var lazy = h.lazyRefcounts
-        var refcountBits = h.refcountBits
-        for spec in amendSpecs where co.has(spec.name) {
-            let v = co.value(spec.name) ?? ""
-            switch spec.name {
-            case let n where n.hasPrefix("encrypt."):
-                throw ToolError(message: h.cryptMethod == 0 ? "Can't amend encryption options - encryption not present"
-                                                            : "Only LUKS encryption options can be amended")
-            case "size":
-                newSize = UInt64(v) ?? 0
-            case "compat":
-                switch v {
-                case "0.10", "v2": newVersion = 2
-                case "1.1", "v3": newVersion = 3
-                default: throw ToolError(message: "Unknown compatibility level \(v)")
-                }
-            case "backing_file": backingFile = v
-            case "backing_fmt": backingFormat = v
-            case "data_file":
-                throw ToolError(message: "data-file can only be set for images that use an external data file")
-            case "data_file_raw":
-                if CreateOptions.isTrue(v) { throw ToolError(message: "data-file-raw cannot be set on existing images") }
-            case "lazy_refcounts":
-                lazy = CreateOptions.isTrue(v)
-            case "refcount_bits":
-                // QEMU stores the number in an int.
-                let bits = Int32(truncatingIfNeeded: UInt64(v) ?? 0)
-                if bits <= 0 || bits > 64 || bits & (bits - 1) != 0 {
-                    throw ToolError(message: "Refcount width must be a power of two and may not exceed 64 bits")
-                }
-                refcountBits = Int(bits)
-            default: break
-            }
-        }
-        let currentSize = node.length
-        let targetSize = newSize != 0 ? Int64(clamping: newSize) : currentSize
-        let newOrder = refcountBits.trailingZeroBitCount
-        // Every refusal QEMU can make, checked in its order before anything
-        // changes (QEMU itself refuses some only after earlier steps ran).
-        do throws(BlockError) {
-            if refcountBits != h.refcountBits {
-                if newVersion < 3 && refcountBits != 16 {
-                    throw BlockError.invalid("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
-                }
-                if let problem = try await img.amendRefcountWidthProblem(order: newOrder) {
-                    // What QEMU reports before it hits the refcount: the
-                    // upgrade (if asked for), then its first walk over the
-                    // refcount table up to the offending entry.
-                    let helper = StatusHelper(progress: progress, totalOperations: (newVersion != oldVersion ? 1 : 0) + 1)
-                    if newVersion > oldVersion {
-                        helper.current = .upgrading
-                        for i in Int64(0)...2 { helper.report(i, 2) }
-                    }
-                    helper.current = .changingRefcountOrder
-                    for i in 0...problem.reftableIndex { helper.report(i, 3 * problem.reftableSize) }
-                    throw BlockError.invalid(problem.message)
-                }
-            }
-            if backingFile != nil || backingFormat != nil {
-                if backingFile != h.backingFile || backingFormat != h.backingFormat {
-                    throw BlockError.invalid("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
-                }
-            }
-            if lazy != h.lazyRefcounts && lazy && newVersion < 3 {
-                throw BlockError.invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
-            }
-            if newVersion < oldVersion {
-                try await img.amendCheckDowngrade(size: targetSize, refcountOrder: newOrder)
-            }
-        } catch {
-            throw ToolError(message: error.message)
-        }
-
-        let helper = StatusHelper(progress: progress,
-                                  totalOperations: (newVersion != oldVersion ? 1 : 0) + (refcountBits != h.refcountBits ? 1 : 0))
-        do throws(BlockError) {
-            if newVersion > oldVersion {
-                helper.current = .upgrading
-                try await img.amendUpgrade(progress: helper.report)
-            }
-            if refcountBits != h.refcountBits {
-                helper.current = .changingRefcountOrder
-                try await img.amendChangeRefcountOrder(newOrder, progress: helper.report)
-            }
-            try await img.amendRewriteHeader()
-            if lazy != h.lazyRefcounts {
-                try await img.amendSetLazyRefcounts(lazy)
-            }
-            if newSize != 0 && targetSize != currentSize {
-                try await node.truncate(to: targetSize)
-            }
-            if newVersion < oldVersion {
-                helper.current = .downgrading
-                try await img.amendDowngrade(progress: helper.report)
-            }
-        } catch {
-            throw ToolError(message: error.message)
-        }
     }
 }

@@ -1,7 +1,6 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
-import Qcow2
 
 /// `bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...
 ///  [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef]
@@ -108,8 +107,8 @@ enum BitmapCommand {
     }
 
     /// Looks a bitmap up by name on a node (QEMU's block_dirty_bitmap_lookup).
-    static func lookup(_ node: BlockNode, _ name: String) async throws(BlockError) -> (Qcow2Image, Qcow2PersistentBitmap) {
-        guard let q = node.driver as? Qcow2Image,
+    static func lookup(_ node: BlockNode, _ name: String) async throws(BlockError) -> (any PersistentBitmaps, PersistentBitmapInfo) {
+        guard let q = node.driver as? any PersistentBitmaps,
               let b = await q.persistentBitmaps().first(where: { $0.name == name }) else { throw notFound(name) }
         return (q, b)
     }
@@ -125,9 +124,9 @@ enum BitmapCommand {
                 g = Int64(UInt32(truncatingIfNeeded: granularity))
                 if g < 512 || g & (g - 1) != 0 { throw BlockError.invalid("Granularity must be power of 2 and at least 512") }
             } else {
-                g = (node.driver as? Qcow2Image)?.defaultBitmapGranularity ?? 65536
+                g = (node.driver as? any PersistentBitmaps)?.defaultBitmapGranularity ?? 65536
             }
-            guard let q = node.driver as? Qcow2Image else {
+            guard let q = node.driver as? any PersistentBitmaps else {
                 throw BlockError(.notSupported, errno: 95, "Can't store persistent bitmaps to \(nodeName): Operation not supported")
             }
             do throws(BlockError) {

@@ -2,7 +2,6 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import LaminaJSON
-import Qcow2
 
 /// `check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
 enum CheckCommand {
@@ -15,7 +14,7 @@ enum CheckCommand {
         ])
         var format: String?
         var output = "human"
-        var repair: Qcow2RepairMode = []
+        var repair: ImageRepairMode = []
         var quiet = false
         var forceShare = false
         var cache = CacheMode(direct: false, noFlush: false)
@@ -46,7 +45,7 @@ enum CheckCommand {
         try checkFormat(format, filename)
         let node = try await openImage(filename, format: format, readOnly: repair.isEmpty, forceShare: forceShare,
                                        cache: cache, noBacking: false, checkMode: true)
-        guard let q = node.driver as? Qcow2Image else {
+        guard let q = node.driver as? any Checkable else {
             await closeQuietly(node)
             throw ToolError(message: "This image format does not support checks", exitCode: 63)
         }
@@ -78,7 +77,8 @@ enum CheckCommand {
             throw ctx.fail(error.message)
         }
         if output == "json" {
-            var m: [(String, JSON)] = [("filename", .string(filename)), ("format", .string("qcow2")), ("check-errors", .int(Int64(res.checkErrors)))]
+            var m: [(String, JSON)] = [("filename", .string(filename)), ("format", .string(node.formatName)),
+                                       ("check-errors", .int(Int64(res.checkErrors)))]
             if res.imageEndOffset != 0 { m.append(("image-end-offset", .int(res.imageEndOffset))) }
             if res.corruptions != 0 { m.append(("corruptions", .int(Int64(res.corruptions)))) }
             if res.leaks != 0 { m.append(("leaks", .int(Int64(res.leaks)))) }
@@ -98,7 +98,7 @@ enum CheckCommand {
         return 0
     }
 
-    static func humanReport(_ r: Qcow2CheckResult) -> String {
+    static func humanReport(_ r: ImageCheckResult) -> String {
         var s = ""
         if r.corruptions == 0 && r.leaks == 0 && r.checkErrors == 0 {
             s += "No errors were found on the image.\n"

@@ -6,7 +6,6 @@ import BlockDrivers
 import BlockGraph
 import BlockIO
 import FileDriver
-import Qcow2
 import Synchronization
 
 /// `commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename`
@@ -86,7 +85,7 @@ enum CommitCommand {
             return ToolError(message: error.message)
         }
         do throws(BlockError) {
-            let copier = ChainCommitCopy(top: top, base: base, rate: rate, progress: progress, mapHostFiles: mapHostFiles)
+            let copier = await ChainCommitCopy(top: top, base: base, rate: rate, progress: progress, mapHostFiles: mapHostFiles)
             try await copier.run()
             progress.advance(100, max: 0)
             // What went down is durable before the image stops holding it.
@@ -94,7 +93,7 @@ enum CommitCommand {
         } catch {
             return ToolError(message: "Block job failed: " + errnoString(error.errno == 0 ? 5 : error.errno))
         }
-        if !drop, let q = top.driver as? Qcow2Image {
+        if !drop, let q = top.driver as? any Emptiable {
             do throws(BlockError) {
                 try await q.makeEmpty()
             } catch {
@@ -112,7 +111,7 @@ enum CommitCommand {
         var cur: BlockNode = top
         while let below = cur.backing {
             defer { cur = below }
-            let written = (cur.driver as? Qcow2Image)?.backingFileName ?? below.filename
+            let written = (cur.driver as? any BackingDriver)?.backingFileName ?? below.filename
             if isProtocolPath(name) || isProtocolPath(written) {
                 if name == written || name == ImageOpener.resolveBackingPath(written, overlay: cur.filename) {
                     return below
@@ -171,7 +170,9 @@ final class ChainCommitCopy: @unchecked Sendable {
     private let progressLock = Mutex(())
     private let started = ContinuousClock.now
 
-    init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress, mapHostFiles: Bool) {
+    /// The copy granularity is the base's default bitmap granularity
+    /// (QEMU's mirror default: its cluster size, within 4 KiB..64 KiB).
+    init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress, mapHostFiles: Bool) async {
         self.mapHostFiles = mapHostFiles
         var depth = 0
         var node: BlockNode? = top
@@ -184,8 +185,8 @@ final class ChainCommitCopy: @unchecked Sendable {
         self.base = base
         self.rate = rate
         self.progress = progress
-        if let q = base.driver as? Qcow2Image {
-            granularity = min(65536, max(4096, Int64(q.clusterSize)))
+        if let info = await base.driverInfo() {
+            granularity = min(65536, max(4096, Int64(info.clusterSize)))
         } else {
             granularity = 65536
         }

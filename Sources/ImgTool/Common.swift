@@ -6,7 +6,6 @@ import BlockDrivers
 import BlockGraph
 import BlockIO
 import FileDriver
-import Qcow2
 import Synchronization
 
 /// A user-facing failure: message printed as "<prog>: <message>", exit code.
@@ -78,7 +77,7 @@ func cvtnum(_ name: String, _ text: String) throws(ToolError) -> Int64 {
 
 enum ProgName {
     nonisolated(unsafe) static var current = "lamina-img" {
-        didSet { Qcow2Image.programName.withLock { $0 = current } }
+        didSet { BlockDiagnostics.programName.withLock { $0 = current } }
     }
 }
 

@@ -6,7 +6,6 @@ import BlockDrivers
 import BlockGraph
 import BlockIO
 import FileDriver
-import Qcow2
 
 /// `convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]
 ///  [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num] [-W] [-U]
@@ -192,10 +191,10 @@ enum ConvertCommand {
                 throw ToolError(message: "Could not open '\(outName)': \(error.message)")
             }
             guard let tgt = target else { throw ToolError(message: "Could not open '\(outName)'") }
-            if bitmaps != .none && !((tgt.driver as? Qcow2Image).map { $0.version >= 3 } ?? false) {
+            if bitmaps != .none && !((tgt.driver as? any PersistentBitmaps)?.supportsPersistentBitmaps ?? false) {
                 throw ToolError(message: "Format driver '\(tgt.formatName)' does not support bitmaps")
             }
-            if compressed && !(tgt.driver is Qcow2Image) {
+            if compressed && !tgt.driver.supportedWriteFlags.contains(.compressed) {
                 throw ToolError(message: "Compression not supported for this file format")
             }
             if skipCreate && (tgt.length + 511) / 512 < totalSectors {
@@ -206,7 +205,7 @@ enum ConvertCommand {
                 targetBackingSectors = (b.length + 511) / 512
             }
             var clusterSectors: Int64 = 0
-            if let q = tgt.driver as? Qcow2Image { clusterSectors = Int64(q.clusterSize / 512) }
+            if let info = await tgt.driverInfo() { clusterSectors = Int64(info.clusterSize / 512) }
             let bufSectors: Int64 = compressed ? clusterSectors : 4096
             let reqAlign = Int64(max(1, tgt.driver.requestAlignment) / 512)
             let alignment = max(pow2floor(minSparse), max(reqAlign, 1))
@@ -219,7 +218,7 @@ enum ConvertCommand {
                                            copyOffload: copyOffloadPays(tgt, mode, srcMode, compressed))
             var engineConfig = cfg
             engineConfig.copyRange = copyRange
-            let engine = ConvertEngine(engineConfig, progress: progress)
+            let engine = await ConvertEngine(engineConfig, progress: progress)
             // Workers are requests, not threads: blocking host I/O needs no
             // more threads than cores to keep the CPUs and the disk busy.
             // O_DIRECT requests block for the device, so there every request

@@ -1,6 +1,5 @@
 import BlockCore
 import BlockGraph
-import Qcow2
 
 /// `convert --bitmaps [--skip-broken-bitmaps]`: every persistent bitmap of
 /// the (single, qcow2 v3) source is recreated on the target with its name,
@@ -12,7 +11,7 @@ extension ConvertCommand {
     /// Before the target is created: the source supports bitmaps and has
     /// no inconsistent one (unless they are to be skipped).
     static func checkBitmaps(_ src: BlockNode, skipBroken: Bool) async throws(ToolError) {
-        guard let q = src.driver as? Qcow2Image, q.version >= 3 else {
+        guard let q = src.driver as? any PersistentBitmaps, q.supportsPersistentBitmaps else {
             throw ToolError(message: "Source lacks bitmap support")
         }
         if skipBroken { return }
@@ -24,7 +23,7 @@ extension ConvertCommand {
 
     /// After the data: the bitmaps, stored when the target is closed.
     static func copyBitmaps(from src: BlockNode, to tgt: BlockNode, skipBroken: Bool) async throws(ToolError) {
-        guard let sq = src.driver as? Qcow2Image, let tq = tgt.driver as? Qcow2Image else { return }
+        guard let sq = src.driver as? any PersistentBitmaps, let tq = tgt.driver as? any PersistentBitmaps else { return }
         for b in await sq.persistentBitmaps().reversed() {
             if skipBroken && b.inconsistent {
                 FileHandleStderr.write("\(ProgName.current): warning: Skipping inconsistent bitmap '\(b.name)'\n")

@@ -5,7 +5,6 @@ import BlockCore
 import BlockGraph
 import BlockIO
 import FileDriver
-import Qcow2
 import Synchronization
 
 /// The copy loop of `convert` (QEMU's convert_do_copy): several workers
@@ -62,15 +61,18 @@ final class ConvertEngine: @unchecked Sendable {
     private let progressLock = Mutex(())
     private let writer = OrderedWriter()
 
-    init(_ cfg: Config, progress: Progress) {
+    /// Reads each source's alignment (its cluster size, if it has one).
+    init(_ cfg: Config, progress: Progress) async {
         self.cfg = cfg
         self.progress = progress
         sourceSectors = cfg.sources.map { ($0.length + 511) / 512 }
-        sourceAlignment = cfg.sources.map { n in
+        var alignments: [Int64] = []
+        for n in cfg.sources {
             var a = Int64(max(1, n.driver.requestAlignment / 512))
-            if let q = n.driver as? Qcow2Image { a = max(a, Int64(q.clusterSize / 512)) }
-            return a
+            if let info = await n.driverInfo() { a = max(a, Int64(info.clusterSize / 512)) }
+            alignments.append(a)
         }
+        sourceAlignment = alignments
         totalSectors = sourceSectors.reduce(0, +)
     }
 
@@ -167,11 +169,11 @@ final class ConvertEngine: @unchecked Sendable {
         let (failed, messages) = shared.withLock { ($0.failed, $0.messages) }
         for m in messages { errln("\(ProgName.current): \(m)") }
         if failed { return false }
-        if cfg.compressed, let q = cfg.target.driver as? Qcow2Image {
+        if cfg.compressed, cfg.target.driver.supportedWriteFlags.contains(.compressed), let file = cfg.target.file {
             // Like QEMU, end the file on a sector boundary.
-            try? await q.file.releaseUnusedSpace()
-            let len = q.file.length
-            try? await q.file.truncate(to: len)
+            try? await file.releaseUnusedSpace()
+            let len = file.length
+            try? await file.truncate(to: len)
         }
         return true
     }
@@ -340,8 +342,8 @@ final class ConvertEngine: @unchecked Sendable {
         let len = min(Int64(bytes.count), target.length - offset)
         guard len > 0 else { return }
         let data = bytes.slice(0, Int(len))
-        if cfg.compressed, let q = target.driver as? Qcow2Image, case .memory(let mem) = data {
-            try await q.writeCompressed(at: offset, from: mem)
+        if cfg.compressed, target.driver.supportedWriteFlags.contains(.compressed), case .memory(let mem) = data {
+            try await target.write(at: offset, from: mem, flags: [.compressed])
         } else {
             try await data.write(to: target, at: offset)
         }

@@ -1,7 +1,6 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
-import Qcow2
 
 /// `create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
 enum CreateCommand {

@@ -1,5 +1,6 @@
 import BlockCore
 import BlockGraph
+import BlockInfo
 import Qcow2
 
 /// QEMU's create option lists (QemuOpts) for the formats Lamina writes:

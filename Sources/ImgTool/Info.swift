@@ -1,6 +1,7 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockInfo
 import LaminaJSON
 
 /// `info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename`

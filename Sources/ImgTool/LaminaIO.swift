@@ -5,7 +5,6 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import BlockIO
-import Qcow2
 
 /// `lamina-io`: a qemu-io work-alike for scripting I/O against an image
 /// (tests, crash-safety runs): -c "write [-P pat] [-z [-u]] [-c] [-f] off len",
@@ -148,20 +147,12 @@ public enum LaminaIO {
             case "write":
                 if zero {
                     try await node.writeZeroes(at: off, length: len, flags: unmap ? [.mayUnmap] : [])
-                } else if compressed, let q = node.driver as? Qcow2Image {
-                    let buf = AlignedBuffer(count: Int(len))
-                    memset(buf.pointer, Int32(pattern ?? 0xcd), Int(len))
-                    let cs = Int64(q.clusterSize)
-                    var at: Int64 = 0
-                    while at < len {
-                        let n = Int(min(cs, len - at))
-                        try await q.writeCompressed(at: off + at, from: UnsafeRawBufferPointer(buf.slice(Int(at), n)))
-                        at += Int64(n)
-                    }
                 } else {
                     let buf = AlignedBuffer(count: Int(len))
                     memset(buf.pointer, Int32(pattern ?? 0xcd), Int(len))
-                    try await node.write(at: off, from: UnsafeRawBufferPointer(buf.bytes), flags: fua ? [.fua] : [])
+                    var flags: WriteFlags = fua ? [.fua] : []
+                    if compressed && node.driver.supportedWriteFlags.contains(.compressed) { flags.insert(.compressed) }
+                    try await node.write(at: off, from: UnsafeRawBufferPointer(buf.bytes), flags: flags)
                 }
                 outln("wrote \(len)/\(len) bytes at offset \(off)")
             default:

@@ -1,6 +1,7 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import BlockInfo
 
 /// `map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename`
 enum MapCommand {

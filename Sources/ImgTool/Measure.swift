@@ -2,7 +2,6 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import LaminaJSON
-import Qcow2
 
 /// `measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]`
 enum MeasureCommand {
@@ -70,17 +69,17 @@ enum MeasureCommand {
         if filename == nil && imgSize == nil { throw ctx.fail("Either --size N or one filename must be specified.") }
 
         var node: BlockNode?
-        var snapshot: (Qcow2Image, [UInt64])?
+        var snapshot: (any SnapshotView)?
         if let f = filename {
             try checkFormat(format, f)
             node = try await openImage(f, format: format, readOnly: true, forceShare: forceShare)
         }
         do throws(ToolError) {
             if let n = node, snapshotName != nil || snapshotOpts != nil {
-                guard let q = n.driver as? Qcow2Image else {
+                guard let q = n.driver as? any InternalSnapshots else {
                     throw ctx.fail("Failed to load snapshot: Block format '\(n.driver.formatName)' used by device '' does not support temporarily loading internal snapshots")
                 }
-                let list = await q.snapshotList()
+                let list = await q.listSnapshots()
                 let found: Bool
                 if let s = snapshotOpts {
                     found = list.contains { (s.id == nil || $0.id == s.id) && (s.name == nil || $0.name == s.name) }
@@ -88,7 +87,7 @@ enum MeasureCommand {
                 } else {
                     found = list.contains { $0.id == snapshotName } || list.contains { $0.name == snapshotName }
                 }
-                let match: Qcow2Snapshot?
+                let match: SnapshotInfo?
                 if let s = snapshotOpts {
                     match = (s.id != nil || s.name != nil)
                         ? list.first { (s.id == nil || $0.id == s.id) && (s.name == nil || $0.name == s.name) } : nil
@@ -97,7 +96,7 @@ enum MeasureCommand {
                 }
                 guard let sn = match, found else { throw ctx.fail("Failed to load snapshot: Can't find snapshot") }
                 do throws(BlockError) {
-                    snapshot = (q, try await q.snapshotL1(sn))
+                    snapshot = try await q.snapshotView(sn)
                 } catch {
                     throw ctx.fail("Failed to load snapshot: " + error.message)
                 }
@@ -177,7 +176,7 @@ enum MeasureCommand {
     }
 
     static func measureQcow2(_ co: CreateOptions, _ node: BlockNode?,
-                             snapshot: (Qcow2Image, [UInt64])? = nil) async throws(ToolError) -> (Int64, Int64, Int64?) {
+                             snapshot: (any SnapshotView)? = nil) async throws(ToolError) -> (Int64, Int64, Int64?) {
         let extendedL2 = CreateOptions.isTrue(co.value("extended_l2"))
         let cs64 = UInt64(co.value("cluster_size") ?? "65536") ?? 0
         let bits = cs64 == 0 ? 0 : cs64.trailingZeroBitCount
@@ -228,12 +227,11 @@ enum MeasureCommand {
                 required = virtualSize
             } else {
                 var offset: Int64 = 0
-                var tables: [Int64: [UInt8]] = [:]
                 while offset < ssize {
                     let status: BlockStatus
                     do throws(BlockError) {
-                        if let (q, l1) = snapshot {
-                            status = try await snapshotStatus(q, l1, &tables, n, at: offset, length: ssize - offset)
+                        if let view = snapshot {
+                            status = try await snapshotStatus(view, n, at: offset, length: ssize - offset)
                         } else {
                             status = try await n.blockStatusAbove(base: nil, at: offset, length: ssize - offset).status
                         }
@@ -250,8 +248,8 @@ enum MeasureCommand {
                     offset += pnum
                 }
             }
-            if version >= 3, let q = n.driver as? Qcow2Image, q.version >= 3 {
-                bitmaps = await persistentBitmapsSize(q, length: ssize, clusterSize: cs)
+            if version >= 3, let b = n.driver as? any PersistentBitmaps, b.supportsPersistentBitmaps {
+                bitmaps = await persistentBitmapsSize(b, length: ssize, clusterSize: cs)
             }
         }
         if prealloc == .full || prealloc == .falloc { required = virtualSize }
@@ -262,9 +260,9 @@ enum MeasureCommand {
     /// What bdrv_block_status_above reports with a snapshot loaded in the
     /// top layer: the snapshot's own mapping (data on a hole of the file
     /// reads as zeroes), unallocated ranges from the backing chain.
-    static func snapshotStatus(_ q: Qcow2Image, _ l1: [UInt64], _ tables: inout [Int64: [UInt8]], _ node: BlockNode,
+    static func snapshotStatus(_ view: any SnapshotView, _ node: BlockNode,
                                at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
-        var st = try await q.snapshotBlockStatus(l1: l1, tables: &tables, at: offset, length: length)
+        var st = try await view.blockStatus(at: offset, length: length)
         if st.flags.contains(.recurse), let host = st.hostNode {
             st.flags.remove(.recurse)
             let hs = try await host.blockStatus(at: st.hostOffset, length: st.length)
@@ -288,11 +286,12 @@ enum MeasureCommand {
     }
 
     /// Space the source's persistent bitmaps would take in a qcow2 image
-    /// (QEMU's qcow2_get_persistent_dirty_bitmap_size).
-    static func persistentBitmapsSize(_ q: Qcow2Image, length: Int64, clusterSize cs: Int64) async -> Int64 {
+    /// (QEMU's qcow2_get_persistent_dirty_bitmap_size over the source's
+    /// persistent bitmaps).
+    static func persistentBitmapsSize(_ source: any PersistentBitmaps, length: Int64, clusterSize cs: Int64) async -> Int64 {
         var total: Int64 = 0
         var dirSize: Int64 = 0
-        for b in await q.bitmapList() {
+        for b in await source.persistentBitmaps() {
             let g = Int64(b.granularity)
             let bits = divUp(length, g)
             let bytes = divUp(bits, 8)

@@ -32,13 +32,3 @@ func errln(_ s: String) {
     FileHandleStderr.write(s + "\n")
 }
 
-
-/// QEMU's size_to_str: "196 KiB", "1 GiB", "1.5 GiB", "512 B".
-func humanSize(_ v: UInt64) -> String {
-    let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
-    var e: Int32 = 0
-    _ = frexp(Double(v) / (1000.0 / 1024.0), &e)
-    let i = max(0, Int((e - 1) / 10))
-    let div = Double(UInt64(1) << UInt64(i * 10))
-    return cPrintf("%0.3g", Double(v) / div) + " " + suffixes[i] + "B"
-}

@@ -6,7 +6,6 @@ import BlockDrivers
 import BlockGraph
 import BlockIO
 import FileDriver
-import Qcow2
 import Synchronization
 
 /// `rebase [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-U] -b backing_file [-F backing_fmt] filename`
@@ -105,7 +104,7 @@ enum RebaseCommand {
             var errno: Int32 = 0
             if newName != nil && newFormat == nil {
                 errno = 22
-            } else if let q = top.driver as? Qcow2Image {
+            } else if let q = top.driver as? any BackingDriver {
                 errno = await q.backingChangeErrno(newName, format: newFormat)
             } else {
                 errno = 95
@@ -131,7 +130,7 @@ enum RebaseCommand {
                     throw ToolError(message: "Error while writing to COW image: \(errnoString(error.errno == 0 ? 5 : error.errno))")
                 }
             }
-            guard let q = top.driver as? Qcow2Image else { throw ToolError(message: "Could not change the backing file") }
+            guard let q = top.driver as? any BackingDriver else { throw ToolError(message: "Could not change the backing file") }
             do throws(BlockError) {
                 try await q.changeBackingFile(newName, format: newFormat)
                 try await top.flush()
@@ -204,7 +203,7 @@ final class RebaseCopy: @unchecked Sendable {
         let newSize = new?.length ?? 0
         let bufSize = RebaseCommand.ioBufSize
         let localProgress: Float = size != 0 ? Float(100) / Float(size / min(size, bufSize)) : 0
-        let clusterSize = Int64((top.driver as? Qcow2Image)?.clusterSize ?? 512)
+        let clusterSize = Int64(await top.driverInfo()?.clusterSize ?? 512)
         let pool = IOThreadPool(count: Self.workers, name: "rebase")
         defer { pool.shutdown() }
         let buffers = (0..<Self.workers).map { _ in
@@ -340,11 +339,11 @@ final class RebaseCopy: @unchecked Sendable {
     /// and is written as explicit zeroes otherwise. (A part that already
     /// reads as zeroes must still be written: the backing file changes.)
     func zeroLikeQemu(_ offset: Int64, _ length: Int64) async throws(BlockError) {
-        guard let q = top.driver as? Qcow2Image, q.version >= 3 else {
+        guard let info = await top.driverInfo(), info.supportsZeroClusters else {
             try await writeZeroBuffer(offset, length)
             return
         }
-        let cs = Int64(q.clusterSize)
+        let cs = Int64(info.clusterSize)
         let size = top.length
         let end = offset + length
         var pos = offset

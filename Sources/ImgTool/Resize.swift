@@ -1,7 +1,6 @@
 import BlockCore
 import BlockDrivers
 import BlockGraph
-import Qcow2
 import RawDriver
 
 /// `resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size`
@@ -76,12 +75,12 @@ enum ResizeCommand {
                 throw ctx.fail("Unsupported preallocation mode: metadata")
             }
             do throws(BlockError) {
+                // Driver warnings (qcow2's tail truncation) go to stderr
+                // as they happen, prefixed like QEMU's warn_report.
                 try await node.truncate(to: total, preallocation: prealloc)
             } catch {
-                if let q = node.driver as? Qcow2Image { printWarnings(q, ctx) }
                 throw ctx.fail(error.message)
             }
-            if let q = node.driver as? Qcow2Image { printWarnings(q, ctx) }
             if !quiet { outln("Image resized.") }
         } catch {
             await closeQuietly(node)
@@ -95,9 +94,6 @@ enum ResizeCommand {
         return 0
     }
 
-    static func printWarnings(_ q: Qcow2Image, _ ctx: ToolContext) {
-        for w in q.warnings { FileHandleStderr.write("\(ctx.progName): warning: \(w)\n") }
-    }
 }
 
 /// QemuOpts' size parsing (parse_option_size), with its messages.

@@ -4,7 +4,7 @@ import Glibc
 import BlockCore
 import BlockDrivers
 import BlockGraph
-import Qcow2
+import BlockInfo
 import RawDriver
 
 /// `snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename`
@@ -44,14 +44,14 @@ enum SnapshotCommand {
             throw ctx.fail("Could not open '\(filename)': force-share=on can only be used with read-only images")
         }
         let node = try await openImage(filename, format: nil, readOnly: readOnly, forceShare: forceShare)
-        let qcow2 = node.driver as? Qcow2Image
+        let snapshots = node.driver as? any InternalSnapshots
         var failure: ToolError?
         switch action {
         case .none:
             break
         case .list:
-            if let q = qcow2 {
-                let list = await q.snapshotList()
+            if let q = snapshots {
+                let list = await q.listSnapshots()
                 if !list.isEmpty {
                     var s = "Snapshot list:\n" + snapshotHeader() + "\n"
                     for sn in list { s += snapshotLine(sn) + "\n" }
@@ -61,10 +61,11 @@ enum SnapshotCommand {
         case .create(let name):
             var tv = timeval()
             gettimeofday(&tv, nil)
-            if let q = qcow2 {
+            if let q = snapshots {
                 do throws(BlockError) {
-                    try await q.createSnapshot(name: name, dateSec: UInt32(truncatingIfNeeded: tv.tv_sec),
-                                               dateNsec: UInt32(tv.tv_usec) * 1000)
+                    try await q.createSnapshot(SnapshotInfo(id: "", name: name, vmStateSize: 0,
+                                                            dateSec: UInt32(truncatingIfNeeded: tv.tv_sec),
+                                                            dateNsec: UInt32(tv.tv_usec) * 1000, vmClockNsec: 0, icount: 0))
                 } catch {
                     failure = ctx.fail("Could not create snapshot '\(name)': -\(error.errno) (\(errnoText(error.errno)))")
                 }
@@ -72,8 +73,10 @@ enum SnapshotCommand {
                 failure = ctx.fail("Could not create snapshot '\(name)': -95 (\(errnoText(95)))")
             }
         case .apply(let name):
-            if let q = qcow2 {
-                if await q.hasBitmaps() {
+            if let q = snapshots {
+                // QEMU refuses while the node has dirty bitmaps (here: the
+                // persistent ones the image carries).
+                if let b = node.driver as? any PersistentBitmaps, await !b.persistentBitmaps().isEmpty {
                     failure = ctx.fail("Could not apply snapshot '\(name)': Device has active dirty bitmaps")
                 } else {
                     do throws(BlockError) {
@@ -97,7 +100,7 @@ enum SnapshotCommand {
             }
         case .delete(let name):
             // bdrv_snapshot_find: by name only; then deleted by id and name.
-            if let q = qcow2, let sn = await q.snapshotList().first(where: { $0.name == name }) {
+            if let q = snapshots, let sn = await q.listSnapshots().first(where: { $0.name == name }) {
                 do throws(BlockError) {
                     try await q.deleteSnapshot(id: sn.id, name: sn.name)
                 } catch {
@@ -167,7 +170,7 @@ struct SnapshotParam {
     /// QEMU's bdrv_snapshot_load_tmp(_by_id_or_name), reported as
     /// "Failed to load snapshot: ...".
     func load(_ node: BlockNode) async throws(ToolError) {
-        guard let q = node.driver as? Qcow2Image else {
+        guard let q = node.driver as? any InternalSnapshots else {
             throw ToolError(message: "Failed to load snapshot: Block format '\(node.formatName)' used by device '' does not support temporarily loading internal snapshots")
         }
         do throws(BlockError) {

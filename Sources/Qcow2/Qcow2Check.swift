@@ -1,30 +1,6 @@
 import BlockCore
 import BlockGraph
 
-/// What `check` found (QEMU's BdrvCheckResult + BlockFragInfo).
-public struct Qcow2CheckResult: Sendable {
-    public var corruptions = 0
-    public var leaks = 0
-    public var checkErrors = 0
-    public var corruptionsFixed = 0
-    public var leaksFixed = 0
-    public var imageEndOffset: Int64 = 0
-    public var totalClusters: Int64 = 0
-    public var allocatedClusters: Int64 = 0
-    public var fragmentedClusters: Int64 = 0
-    public var compressedClusters: Int64 = 0
-    /// Diagnostics in the order QEMU prints them (to stderr).
-    public var messages: [String] = []
-    public init() {}
-}
-
-public struct Qcow2RepairMode: OptionSet, Sendable {
-    public let rawValue: Int
-    public init(rawValue: Int) { self.rawValue = rawValue }
-    public static let leaks = Qcow2RepairMode(rawValue: 1)
-    public static let errors = Qcow2RepairMode(rawValue: 2)
-}
-
 extension Qcow2Image {
     /// Checks (and optionally repairs) the image as QEMU's qcow2 check does:
     /// recomputes every reference, compares with the stored refcounts,
@@ -32,10 +8,10 @@ extension Qcow2Image {
     /// the refcount structures when a referenced cluster has refcount 0)
     /// and COPIED flags. A failure is reported in `error`, together with
     /// the diagnostics printed so far.
-    public func check(repair: Qcow2RepairMode = []) async -> (Qcow2CheckResult, BlockError?) {
+    public func check(repair: ImageRepairMode = []) async -> (ImageCheckResult, BlockError?) {
         await lock.lock()
         defer { lock.unlock() }
-        var res = Qcow2CheckResult()
+        var res = ImageCheckResult()
         do throws(BlockError) {
             try await checkLocked(&res, repair: repair)
             return (res, nil)
@@ -44,13 +20,13 @@ extension Qcow2Image {
         }
     }
 
-    func checkLocked(repair: Qcow2RepairMode) async throws(BlockError) -> Qcow2CheckResult {
-        var res = Qcow2CheckResult()
+    func checkLocked(repair: ImageRepairMode) async throws(BlockError) -> ImageCheckResult {
+        var res = ImageCheckResult()
         try await checkLocked(&res, repair: repair)
         return res
     }
 
-    func checkLocked(_ res: inout Qcow2CheckResult, repair: Qcow2RepairMode) async throws(BlockError) {
+    func checkLocked(_ res: inout ImageCheckResult, repair: ImageRepairMode) async throws(BlockError) {
         if !repair.isEmpty && isReadOnly {
             throw BlockError(.permissionDenied, errno: 1, "Cannot repair a read-only image")
         }
@@ -79,7 +55,7 @@ extension Qcow2Image {
             rebuild = false
             refs = try await calculateRefcounts(&res, &rebuild)
             if repair.contains(.leaks) {
-                var scratch = Qcow2CheckResult()
+                var scratch = ImageCheckResult()
                 try await compareRefcounts(refs, &scratch, fix: [.leaks], &rebuild, &highest)
                 if rebuild { scratch.messages.append("ERROR rebuilt refcount structure is still broken") }
                 fresh = scratch.leaks
@@ -132,7 +108,7 @@ extension Qcow2Image {
     }
 
     /// Counts a reference to every cluster of host bytes [offset, offset+size).
-    private func countRange(_ c: inout ReferenceCounter, _ res: inout Qcow2CheckResult, _ offset: Int64, _ size: Int64) {
+    private func countRange(_ c: inout ReferenceCounter, _ res: inout ImageCheckResult, _ offset: Int64, _ size: Int64) {
         guard size > 0 else { return }
         let fileLen = file.length
         if offset + size - fileLen >= Int64(geo.clusterSize) {
@@ -144,7 +120,7 @@ extension Qcow2Image {
         for cl in (offset / cs)...((offset + size - 1) / cs) { c.add(cl) }
     }
 
-    private func calculateRefcounts(_ res: inout Qcow2CheckResult, _ rebuild: inout Bool) async throws(BlockError) -> ReferenceCounter {
+    private func calculateRefcounts(_ res: inout ImageCheckResult, _ rebuild: inout Bool) async throws(BlockError) -> ReferenceCounter {
         let cs = Int64(geo.clusterSize)
         let nb = Int(divRoundUp(file.length, cs))
         var c = ReferenceCounter(refs: [UInt32](repeating: 0, count: max(nb, 1)))
@@ -210,7 +186,7 @@ extension Qcow2Image {
         return b
     }
 
-    private func countL1(_ c: inout ReferenceCounter, _ res: inout Qcow2CheckResult, _ l1Offset: Int64, _ l1Size: Int,
+    private func countL1(_ c: inout ReferenceCounter, _ res: inout ImageCheckResult, _ l1Offset: Int64, _ l1Size: Int,
                          active: Bool) async throws(BlockError) {
         let cs = Int64(geo.clusterSize)
         countRange(&c, &res, l1Offset, Int64(l1Size) * 8)
@@ -286,7 +262,7 @@ extension Qcow2Image {
         }
     }
 
-    private func countBitmaps(_ c: inout ReferenceCounter, _ res: inout Qcow2CheckResult) async throws(BlockError) {
+    private func countBitmaps(_ c: inout ReferenceCounter, _ res: inout ImageCheckResult) async throws(BlockError) {
         guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0, let ext = header.bitmaps, ext.count > 0 else { return }
         let cs = Int64(geo.clusterSize)
         countRange(&c, &res, Int64(ext.directoryOffset), Int64(ext.directorySize))
@@ -316,7 +292,7 @@ extension Qcow2Image {
         return RefcountCodec.get(b.pointer, Int(cluster % refblockEntries), order: geo.refcountOrder)
     }
 
-    private func compareRefcounts(_ c: ReferenceCounter, _ res: inout Qcow2CheckResult, fix: Qcow2RepairMode,
+    private func compareRefcounts(_ c: ReferenceCounter, _ res: inout ImageCheckResult, fix: ImageRepairMode,
                                   _ rebuild: inout Bool, _ highest: inout Int64) async throws(BlockError) {
         let nb = Int64(c.refs.count)
         highest = -1
@@ -442,7 +418,7 @@ extension Qcow2Image {
         freeClusterHint = 0
     }
 
-    private func checkCopiedFlags(_ res: inout Qcow2CheckResult, repair mode: Qcow2RepairMode) async throws(BlockError) {
+    private func checkCopiedFlags(_ res: inout ImageCheckResult, repair mode: ImageRepairMode) async throws(BlockError) {
         let cs = Int64(geo.clusterSize)
         let repair: Bool
         if mode.contains(.errors) {

@@ -52,18 +52,7 @@ struct BitmapStoreState {
     var staleExtension = false
 }
 
-/// What a tool sees of one persistent bitmap of an open image.
-public struct Qcow2PersistentBitmap: Sendable, Equatable {
-    public var name: String
-    public var granularity: Int64
-    public var enabled: Bool
-    public var inconsistent: Bool
-}
-
 extension Qcow2Image {
-    /// The program name warnings start with ("qemu-img: warning: ...").
-    public static let programName = Mutex<String>("")
-
     /// Read-write open: a stale bitmaps extension goes (QEMU rewrites the
     /// header without it). Called with `lock` held.
     func dropStaleBitmapsExtensionLocked() async throws(BlockError) {
@@ -92,7 +81,7 @@ extension Qcow2Image {
             let what = header.version < 3
                 ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
                 : "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
-            let prog = Qcow2Image.programName.withLock { $0 }
+            let prog = BlockDiagnostics.programName.withLock { $0 }
             FileHandleStderr.write((prog.isEmpty ? "" : prog + ": ") + "warning: " + what + "\n"
                                    + "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
             bitmapStore.staleExtension = true
@@ -241,15 +230,15 @@ extension Qcow2Image {
         let active = bitmapStore.list.compactMap { $0.enabled && !$0.inconsistent ? $0.bits : nil }
         publishTrackedBitmaps(active)
         let catalog = bitmapStore.list.map {
-            (Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
-                                   enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
+            (PersistentBitmapInfo(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
+                                  enabled: $0.enabled, inconsistent: $0.inconsistent), $0.bits)
         }
         bitmapCatalog.withLock { $0 = catalog }
     }
 
     /// The persistent bitmaps and their live bits, without waiting for the
     /// image's lock (for callers that cannot suspend, e.g. export setup).
-    public func persistentBitmapsNow() -> [(Qcow2PersistentBitmap, DirtyBitmap?)] {
+    public func persistentBitmapsNow() -> [(PersistentBitmapInfo, DirtyBitmap?)] {
         bitmapCatalog.withLock { $0 }
     }
 
@@ -443,11 +432,11 @@ extension Qcow2Image {
     // MARK: - Operations (qemu-img bitmap, convert --bitmaps)
 
     /// The persistent bitmaps of this open image, in directory order.
-    public func persistentBitmaps() async -> [Qcow2PersistentBitmap] {
+    public func persistentBitmaps() async -> [PersistentBitmapInfo] {
         await lock.withLock {
             bitmapStore.list.map {
-                Qcow2PersistentBitmap(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
-                                      enabled: $0.enabled, inconsistent: $0.inconsistent)
+                PersistentBitmapInfo(name: $0.name, granularity: Int64(1) << Int64($0.granularityBits),
+                                     enabled: $0.enabled, inconsistent: $0.inconsistent)
             }
         }
     }

@@ -452,7 +452,6 @@ extension Qcow2Image {
     // MARK: - Shrink
 
     func shrink(from oldSize: Int64, to newSize: Int64) async throws(BlockError) {
-        warnings = []
         let cs = Int64(geo.clusterSize)
         // 1. Drop every cluster past the new end (entries become 0).
         let discardStart = alignUp(newSize, cs)
@@ -522,7 +521,7 @@ extension Qcow2Image {
                 do throws(BlockError) {
                     try await file.truncate(to: (last + 1) * cs, preallocation: .off)
                 } catch {
-                    warnings.append("Failed to truncate the tail of the image: " + error.message)
+                    BlockDiagnostics.warn("Failed to truncate the tail of the image: " + error.message)
                 }
             }
         }

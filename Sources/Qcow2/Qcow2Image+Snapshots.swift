@@ -548,16 +548,6 @@ func leadingNumber(_ s: String) -> UInt64 {
 }
 
 extension Qcow2Image {
-    /// Whether the image carries persistent dirty bitmaps (QEMU refuses to
-    /// apply a snapshot then: "Device has active dirty bitmaps").
-    public func hasBitmaps() async -> Bool {
-        await lock.withLock {
-            header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 && (header.bitmaps?.count ?? 0) > 0
-        }
-    }
-}
-
-extension Qcow2Image {
     /// Makes a snapshot's L1 table the one reads go through, in memory
     /// only (QEMU qcow2_snapshot_load_tmp, for `convert -l`). The image
     /// must be read-only; the virtual size stays the current one. With

@@ -92,9 +92,6 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
     var snapshots: [Qcow2Snapshot] = []
     var snapshotTableBytes = 0
     var closed = false
-    /// Warnings of the last operation that reports them (resize: QEMU's
-    /// warn_report lines), for the tool to print.
-    public internal(set) var warnings: [String] = []
     /// Cluster indices holding metadata, for the overlap guard (built lazily).
     var metadataClusters: Set<Int64>?
 
@@ -110,11 +107,10 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
     }
     private let nodeLink = Mutex(NodeLink())
     /// What `persistentBitmapsNow()` answers (kept by updateTrackedBitmaps).
-    let bitmapCatalog = Mutex<[(Qcow2PersistentBitmap, DirtyBitmap?)]>([])
+    let bitmapCatalog = Mutex<[(PersistentBitmapInfo, DirtyBitmap?)]>([])
 
     public var formatName: String { "qcow2" }
     public var supportedWriteFlags: WriteFlags { [.compressed] }
-    public var info: BlockDriverInfo? { BlockDriverInfo(clusterSize: geo.clusterSize) }
 
     /// The node exists: the enabled persistent bitmaps loaded at open are
     /// marked by its generic layer from now on.
@@ -407,20 +403,14 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
         markedDirty = true
     }
 
-    /// Told about every corruption an image signals (QEMU's
-    /// BLOCK_IMAGE_CORRUPTED): the image, the message, and whether it was
-    /// fatal (the image got marked corrupt). Set by the storage daemon.
-    public static let corruptionReporter = Mutex<(@Sendable (Qcow2Image, String, Bool) -> Void)?>(nil)
-
-    /// "Signal corruption": mark the image corrupt (if writable) and fail.
+    /// "Signal corruption": mark the image corrupt (if writable), report
+    /// it (`BlockDiagnostics.reportCorruption`, QEMU's
+    /// BLOCK_IMAGE_CORRUPTED) and fail.
     func corruption(_ message: String) async -> BlockError {
         if !corruptionSignalled {
             corruptionSignalled = true
             let fatal = !isReadOnly && !header.isCorrupt && header.version >= 3
-            defer {
-                let report = Self.corruptionReporter.withLock { $0 }
-                report?(self, message, fatal)
-            }
+            defer { BlockDiagnostics.reportCorruption(self, message: message, fatal: fatal) }
             if fatal {
                 header.incompatibleFeatures |= Qcow2.incompatCorrupt
                 try? await writeIncompatibleFeaturesLocked()

@@ -36,10 +36,7 @@ extension CreateOptions {
                     if node.readOnly {
                         throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
                     }
-                    try await Qcow2Creator.create(file: node, options: o)
-                    if o.preallocation != .off {
-                        try await Self.preallocate(node, o.preallocation)
-                    }
+                    try await ImageCreator.formatQcow2(on: node, options: o)
                 case .options(let bo):
                     guard case .file(let f) = bo.driver else {
                         throw BlockError.unsupported("blockdev-create: only a 'file' node can hold a new qcow2 image")
@@ -63,27 +60,5 @@ extension CreateOptions {
             throw error.prefixed("Could not resize file: ")
         }
         try await node.close()
-    }
-
-    /// Preallocation on an existing node: open the new image on it for the
-    /// duration (the node keeps its own reference).
-    private static func preallocate(_ node: BlockNode, _ mode: Preallocation) async throws(BlockError) {
-        node.retain()
-        var qo = Qcow2OpenOptions()
-        qo.readOnly = false
-        let img: Qcow2Image
-        do throws(BlockError) {
-            img = try await Qcow2Image.open(file: node, options: qo)
-        } catch {
-            try? await node.close()
-            throw error
-        }
-        do throws(BlockError) {
-            try await img.preallocate(mode)
-        } catch {
-            try? await img.close()
-            throw error
-        }
-        try await img.close()
     }
 }

@@ -7,7 +7,6 @@ import BlockIO
 import BlockJobs
 import LaminaJSON
 import NBDServer
-import Qcow2
 import ServerKit
 import Synchronization
 
@@ -39,9 +38,9 @@ public final class Daemon {
             onDeleted: { [weak self] id in
                 self?.emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
             })
-        Qcow2Image.corruptionReporter.withLock {
-            $0 = { [weak self] img, message, fatal in
-                Task { @ControlActor in self?.imageCorrupted(img, message, fatal) }
+        BlockDiagnostics.corruptionReporter.withLock {
+            $0 = { [weak self] driver, message, fatal in
+                Task { @ControlActor in self?.imageCorrupted(driver, message, fatal) }
             }
         }
         let registry = exports!
@@ -50,9 +49,10 @@ public final class Daemon {
         }
     }
 
-    /// BLOCK_IMAGE_CORRUPTED (no device names in a storage daemon).
-    func imageCorrupted(_ img: Qcow2Image, _ message: String, _ fatal: Bool) {
-        guard let rec = graph.all.first(where: { $0.node.driver as AnyObject === img }) else { return }
+    /// BLOCK_IMAGE_CORRUPTED (no device names in a storage daemon) for the
+    /// node whose driver reported it.
+    func imageCorrupted(_ driver: any BlockDriver, _ message: String, _ fatal: Bool) {
+        guard let rec = graph.all.first(where: { $0.node.driver === driver }) else { return }
         emit("BLOCK_IMAGE_CORRUPTED", .object([("device", .string("")), ("msg", .string(message)),
                                                ("node-name", .string(rec.name)), ("fatal", .bool(fatal))]))
     }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import CLaminaSys
 import LaminaJSON
 import QMP
@@ -24,7 +25,7 @@ public final class DaemonMain {
 
     public init(prog: String) {
         self.prog = prog
-        Qcow2Image.programName.withLock { $0 = prog }
+        BlockDiagnostics.programName.withLock { $0 = prog }
         daemon = Daemon(loops: loops)
         qmp = QMPServer(group: loops.group, dispatcher: DaemonDispatcher(daemon: daemon), version: daemon.versionJSON)
         let q = qmp

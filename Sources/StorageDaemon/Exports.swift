@@ -2,7 +2,6 @@ import BlockCore
 import BlockGraph
 import BlockIO
 import NBDServer
-import Qcow2
 import ServerKit
 
 /// QAPI BlockExportOptions for type nbd.
@@ -154,10 +153,11 @@ extension ExportRegistry {
     func exportBitmaps(_ names: [String], node: BlockNode, writable: Bool) throws(BlockError) -> [String: DirtyBitmap] {
         var out: [String: DirtyBitmap] = [:]
         for name in names {
-            var found: (BlockNode, Qcow2PersistentBitmap, DirtyBitmap?)?
+            var found: (BlockNode, PersistentBitmapInfo, DirtyBitmap?)?
             var n: BlockNode? = node
             while let cur = n, found == nil {
-                if let q = cur.driver as? Qcow2Image, let e = q.persistentBitmapsNow().first(where: { $0.0.name == name }) {
+                if let q = cur.driver as? any PersistentBitmaps,
+                   let e = q.persistentBitmapsNow().first(where: { $0.0.name == name }) {
                     found = (cur, e.0, e.1)
                 }
                 n = cur.backing

@@ -1,9 +1,8 @@
 import BlockCore
 import BlockGraph
+import BlockInfo
 import FileDriver
-import ImgTool
 import LaminaJSON
-import Qcow2
 
 /// query-named-block-nodes' BlockDeviceInfo and x-debug-query-block-graph.
 @ControlActor

@@ -6,7 +6,6 @@ import BlockDrivers
 import BlockGraph
 import FileDriver
 import LaminaJSON
-import Qcow2
 import RawDriver
 
 /// Opens a blockdev-add tree: new nodes for nested options, references to
@@ -183,18 +182,20 @@ struct NodeOpener {
                 throw BlockError(.permissionDenied, errno: EPERM, "Block node is read-only")
             }
         }
-        var qo = Qcow2OpenOptions()
-        qo.readOnly = readOnly
-        qo.noFlush = eff.cacheNoFlush
-        if let l2 = q.l2CacheSize { qo.l2CacheBytes = Int(l2) }
-        let img: Qcow2Image
+        var fo = FormatOpenOptions()
+        fo.readOnly = readOnly
+        fo.noFlush = eff.cacheNoFlush
+        if let l2 = q.l2CacheSize { fo.l2CacheBytes = Int(l2) }
+        let driver: any BlockDriver
         do throws(BlockError) {
-            img = try await Qcow2Image.open(file: file, options: qo)
+            driver = try await FormatDrivers.open("qcow2", file: file, options: fo)
         } catch {
             try? await file.close()
             throw error
         }
-        let node = BlockNode(driver: img, filename: file.filename, readOnly: readOnly, policy: policy)
+        // What the image header names as its backing file.
+        let header = driver as? any BackingDriver
+        let node = BlockNode(driver: driver, filename: file.filename, readOnly: readOnly, policy: policy)
         // Named before the permission check, so its errors can name it.
         register(node, o, eff, readOnly, monitorOwned)
         do throws(BlockError) {
@@ -215,12 +216,12 @@ struct NodeOpener {
                 // QEMU's bdrv_backing_overridden: a backing node other than
                 // the file the header names (compared as strings) shows up
                 // in a json: filename.
-                if img.backingFileName != b.filename {
+                if header?.backingFileName != b.filename {
                     graph.entry(node)?.jsonFilename = graph.jsonFilename(node, file: file, backing: graph.fullOptions(b))
                 }
             case .none:
-                if let name = img.backingFileName, !name.isEmpty {
-                    try await openDefaultBacking(img, node, name, eff)
+                if let name = header?.backingFileName, !name.isEmpty {
+                    try await openDefaultBacking(format: header?.backingFormat, node, name, eff)
                 }
             }
         } catch {
@@ -231,11 +232,11 @@ struct NodeOpener {
     }
 
     /// The backing chain named in the image headers, every node implicit.
-    private func openDefaultBacking(_ img: Qcow2Image, _ node: BlockNode, _ name: String,
-                                             _ eff: InheritedOptions) async throws(BlockError) {
+    private func openDefaultBacking(format: String?, _ node: BlockNode, _ name: String,
+                                    _ eff: InheritedOptions) async throws(BlockError) {
         let path = ImageOpener.resolveBackingPath(name, overlay: node.filename)
         var io = ImageOpenOptions()
-        io.format = img.backingFormat
+        io.format = format
         io.readOnly = true
         io.cacheDirect = eff.cacheDirect
         io.noFlush = eff.cacheNoFlush

@@ -54,7 +54,7 @@ private func image(_ node: BlockNode) throws -> Qcow2Image {
 }
 
 /// Opens read-only, runs check, closes; expects a clean result.
-private func expectClean(_ path: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> Qcow2CheckResult {
+private func expectClean(_ path: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> ImageCheckResult {
     let node = try await openRO(path)
     let img = try image(node)
     let (res, err) = await img.check()

@@ -5,24 +5,27 @@ import BlockCore
 import BlockDrivers
 import BlockGraph
 import LaminaJSON
-import FileDriver
-import Qcow2
 
-/// QEMU's ImageInfo for one node, collected from the block layer.
+/// QEMU's ImageInfo for one node, collected from the block layer (what
+/// `qemu-img info` prints and query-named-block-nodes' "image" holds).
 public struct ImageInfo: Sendable {
-    var filename: String
-    var format: String
-    var dirty: Bool
-    var actualSize: Int64?
-    var virtualSize: Int64
-    var clusterSize: Int64?
-    var encrypted = false
-    var backingFilename: String?
-    var fullBackingFilename: String?
-    var backingFormat: String?
-    var snapshots: [Qcow2Snapshot] = []
-    var formatSpecific: JSON?
+    public var filename: String
+    public var format: String
+    public var dirty: Bool
+    public var actualSize: Int64?
+    public var virtualSize: Int64
+    public var clusterSize: Int64?
+    public var encrypted = false
+    public var backingFilename: String?
+    public var fullBackingFilename: String?
+    public var backingFormat: String?
+    public var snapshots: [SnapshotInfo] = []
+    public var formatSpecific: ImageInfoSpecific?
 
+    /// QEMU's bdrv_query_image_info: the generic fields, then what the
+    /// driver's capabilities answer (driver info, encryption, backing file
+    /// named in the image, internal snapshots, format-specific data).
+    /// Reads metadata only; callable on an image opened with noIO.
     public static func collect(_ node: BlockNode) async -> ImageInfo {
         var info = ImageInfo(filename: node.filename, format: node.formatName, dirty: false,
                              actualSize: nil, virtualSize: node.length)
@@ -31,55 +34,54 @@ public struct ImageInfo: Sendable {
         } else if let f = node.driver as? any HostBackedDriver {
             info.actualSize = try? f.allocatedBytes()
         }
-        if let q = node.driver as? Qcow2Image {
-            let h = await q.currentHeader()
-            info.clusterSize = Int64(h.clusterSize)
-            info.dirty = h.isDirty
-            info.encrypted = h.cryptMethod != 0
-            if let b = h.backingFile, !b.isEmpty {
-                info.backingFilename = b
-                info.fullBackingFilename = ImageOpener.resolveBackingPath(b, overlay: node.filename)
-                info.backingFormat = h.backingFormat
-            }
-            info.snapshots = await q.snapshotList()
-            info.formatSpecific = .object([("type", .string("qcow2")), ("data", await qcow2Specific(q, h))])
+        if let d = await node.driverInfo() {
+            info.clusterSize = Int64(d.clusterSize)
+            info.dirty = d.isDirty
+        }
+        if let i = node.driver as? any ImageInfoProvider {
+            info.encrypted = await i.isEncrypted()
+        }
+        if let b = node.driver as? any BackingDriver, let name = b.backingFileName, !name.isEmpty {
+            info.backingFilename = name
+            info.fullBackingFilename = ImageOpener.resolveBackingPath(name, overlay: node.filename)
+            info.backingFormat = b.backingFormat
+        }
+        if let s = node.driver as? any InternalSnapshots {
+            info.snapshots = await s.listSnapshots()
+        }
+        if let i = node.driver as? any ImageInfoProvider {
+            info.formatSpecific = await i.specificInfo()
         }
         return info
     }
 
-    static func qcow2Specific(_ q: Qcow2Image, _ h: Qcow2Header) async -> JSON {
-        var m: [(String, JSON)] = []
-        if h.version == 2 {
-            m.append(("compat", .string("0.10")))
-            m.append(("refcount-bits", .int(Int64(h.refcountBits))))
-            m.append(("compression-type", .string(CompressionType(rawValue: h.compressionType)?.name ?? "zlib")))
-            return .object(m)
+    /// QAPI ImageInfoSpecific as QEMU's visitor prints it: {"type", "data"}.
+    static func json(_ specific: ImageInfoSpecific) -> JSON {
+        switch specific {
+        case .qcow2(let q):
+            return .object([("type", .string("qcow2")), ("data", json(q))])
         }
-        m.append(("compat", .string("1.1")))
-        let bitmaps = await q.bitmapList()
-        m.append(("lazy-refcounts", .bool(h.lazyRefcounts)))
-        if !bitmaps.isEmpty {
-            var list: [JSON] = []
-            for b in bitmaps {
-                var flags: [JSON] = []
-                if b.inUse { flags.append(.string("in-use")) }
-                if b.isAuto { flags.append(.string("auto")) }
-                list.append(.object([("name", .string(b.name)), ("granularity", .uint(b.granularity)), ("flags", .array(flags))]))
-            }
-            m.append(("bitmaps", .array(list)))
+    }
+
+    /// ImageInfoSpecificQCow2's members in QEMU's order, absent ones left out.
+    static func json(_ q: ImageInfoSpecificQcow2) -> JSON {
+        var m: [(String, JSON)] = [("compat", .string(q.compat))]
+        if let v = q.lazyRefcounts { m.append(("lazy-refcounts", .bool(v))) }
+        if let list = q.bitmaps {
+            m.append(("bitmaps", .array(list.map { b in
+                .object([("name", .string(b.name)), ("granularity", .uint(b.granularity)),
+                         ("flags", .array(b.flags.map { .string($0) }))])
+            })))
         }
-        m.append(("refcount-bits", .int(Int64(h.refcountBits))))
-        if h.cryptMethod == 1 {
-            m.append(("encrypt", .object([("format", .string("aes"))])))
-        } else if h.cryptMethod == 2 {
-            m.append(("encrypt", .object([("format", .string("luks"))])))
-        }
-        m.append(("corrupt", .bool(h.isCorrupt)))
-        m.append(("extended-l2", .bool(h.extendedL2)))
-        m.append(("compression-type", .string(CompressionType(rawValue: h.compressionType)?.name ?? "zlib")))
+        m.append(("refcount-bits", .int(Int64(q.refcountBits))))
+        if let e = q.encryptFormat { m.append(("encrypt", .object([("format", .string(e))]))) }
+        if let v = q.corrupt { m.append(("corrupt", .bool(v))) }
+        if let v = q.extendedL2 { m.append(("extended-l2", .bool(v))) }
+        m.append(("compression-type", .string(q.compressionType)))
         return .object(m)
     }
 
+    /// QAPI ImageInfo as QEMU's visitor prints it (member order kept).
     public var json: JSON {
         var m: [(String, JSON)] = [("filename", .string(filename)), ("format", .string(format)), ("dirty-flag", .bool(dirty))]
         if let a = actualSize { m.append(("actual-size", .int(a))) }
@@ -101,12 +103,12 @@ public struct ImageInfo: Sendable {
                 return .object(s)
             })))
         }
-        if let f = formatSpecific { m.append(("format-specific", f)) }
+        if let f = formatSpecific { m.append(("format-specific", Self.json(f))) }
         return .object(m)
     }
 
-    /// bdrv_image_info_dump.
-    var human: String {
+    /// bdrv_image_info_dump: `qemu-img info`'s human output.
+    public var human: String {
         var s = "image: \(filename)\nfile format: \(format)\n"
         s += "virtual size: \(humanSize(UInt64(virtualSize))) (\(virtualSize) bytes)\n"
         s += "disk size: \(actualSize.map { humanSize(UInt64($0)) } ?? "unavailable")\n"
@@ -128,7 +130,7 @@ public struct ImageInfo: Sendable {
             s += snapshotHeader() + "\n"
             for sn in snapshots { s += snapshotLine(sn) + "\n" }
         }
-        if case .object(let fs)? = formatSpecific, let data = fs.first(where: { $0.0 == "data" })?.1 {
+        if let f = formatSpecific, case .object(let fs) = Self.json(f), let data = fs.first(where: { $0.0 == "data" })?.1 {
             s += "Format specific information:\n"
             s += dumpQObject(data, indent: 1)
         }
@@ -136,11 +138,14 @@ public struct ImageInfo: Sendable {
     }
 }
 
-func snapshotHeader() -> String {
+/// The column titles of `qemu-img snapshot -l` and info's snapshot list.
+public func snapshotHeader() -> String {
     pad("ID", 10, left: true) + pad("TAG", 17, left: true) + pad("VM SIZE", 8) + pad("DATE", 20) + pad("VM CLOCK", 13) + pad("ICOUNT", 11)
 }
 
-func snapshotLine(_ sn: Qcow2Snapshot) -> String {
+/// One snapshot as `qemu-img snapshot -l` lists it (bdrv_snapshot_dump;
+/// the date in local time).
+public func snapshotLine(_ sn: SnapshotInfo) -> String {
     var t = time_t(sn.dateSec)
     var tmv = tm()
     localtime_r(&t, &tmv)
@@ -154,7 +159,7 @@ func snapshotLine(_ sn: Qcow2Snapshot) -> String {
 }
 
 /// printf's %-Ns / %Ns.
-func pad(_ s: String, _ width: Int, left: Bool = false) -> String {
+public func pad(_ s: String, _ width: Int, left: Bool = false) -> String {
     let n = s.count
     if n >= width { return s }
     let fill = String(repeating: " ", count: width - n)
@@ -197,4 +202,14 @@ extension String {
     func replacingDashes() -> String {
         String(map { $0 == "-" ? " " : $0 })
     }
+}
+
+/// QEMU's size_to_str: "196 KiB", "1 GiB", "1.5 GiB", "512 B".
+public func humanSize(_ v: UInt64) -> String {
+    let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+    var e: Int32 = 0
+    _ = frexp(Double(v) / (1000.0 / 1024.0), &e)
+    let i = max(0, Int((e - 1) / 10))
+    let div = Double(UInt64(1) << UInt64(i * 10))
+    return cPrintf("%0.3g", Double(v) / div) + " " + suffixes[i] + "B"
 }
