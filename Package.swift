@@ -104,6 +104,7 @@ let package = Package(
         .target(
             name: "ImgTool",
             dependencies: [
+                "BlockCopy",
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "Qcow2", "FileDriver", "RawDriver",
                 "LaminaJSON",
             ],

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockCore
 import BlockDrivers
+import BlockCopy
 import BlockGraph
 import BlockIO
 import FileDriver
@@ -85,8 +86,7 @@ enum CommitCommand {
             return ToolError(message: error.message)
         }
         do throws(BlockError) {
-            let copier = await ChainCommitCopy(top: top, base: base, rate: rate, progress: progress, mapHostFiles: mapHostFiles)
-            try await copier.run()
+            try await ChainCommitCopy.run(top: top, base: base, rate: rate, progress: progress, mapHostFiles: mapHostFiles)
             progress.advance(100, max: 0)
             // What went down is durable before the image stops holding it.
             try await base.flush()
@@ -139,208 +139,129 @@ func realPath(_ path: String) -> String? {
     return String(cString: p)
 }
 
-/// The copy of an active commit: plans granule-aligned steps in order (the
-/// mirror's rules) and runs reads and writes on a few I/O threads.
-final class ChainCommitCopy: @unchecked Sendable {
-    enum Method { case copy, zero, discard }
-
-    let top: BlockNode
-    let base: BlockNode
-    let rate: Int64
-    let progress: Progress
-    let granularity: Int64
-    /// Copy from the page cache of the layers' files (not with O_DIRECT).
-    let mapHostFiles: Bool
-    /// Backing links from the image down to the base.
-    let baseDepth: Int
+/// The copy of qemu-img commit (QEMU runs an active commit, a mirror of
+/// the image into its base) on the block layer's copy engine: what lies
+/// above the base, in granules, is a dirty bitmap; each range goes down as
+/// the mirror decides (data copied, zeroes written, unallocated discarded)
+/// with a few steps in flight on I/O threads, at `-r`'s rate.
+enum ChainCommitCopy {
     static let maxIO: Int64 = 4 << 20
     static let workers = 4
 
-    private struct Shared {
-        var runs: [(Int64, Int64)] = []
-        var runIndex = 0
-        var pos: Int64 = 0
-        var done: Int64 = 0
-        var total: Int64 = 0
-        var sinceWriteback: Int64 = 0
-        var error: BlockError?
-    }
-    private let shared = Mutex(Shared())
-    private let planLock = AsyncLock()
-    private let progressLock = Mutex(())
-    private let started = ContinuousClock.now
-
-    /// The copy granularity is the base's default bitmap granularity
-    /// (QEMU's mirror default: its cluster size, within 4 KiB..64 KiB).
-    init(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress, mapHostFiles: Bool) async {
-        self.mapHostFiles = mapHostFiles
-        var depth = 0
-        var node: BlockNode? = top
-        while let n = node, n !== base {
-            depth += 1
-            node = n.backing
-        }
-        self.baseDepth = depth
-        self.top = top
-        self.base = base
-        self.rate = rate
-        self.progress = progress
-        if let info = await base.driverInfo() {
-            granularity = min(65536, max(4096, Int64(info.clusterSize)))
-        } else {
-            granularity = 65536
-        }
-    }
-
-    func run() async throws(BlockError) {
+    static func run(top: BlockNode, base: BlockNode, rate: Int64, progress: Progress,
+                    mapHostFiles: Bool) async throws(BlockError) {
         let len = top.length
         if base.length < len {
             try await base.truncate(to: len)
         }
-        // What lies above the base, in granules (the mirror's dirty bitmap).
-        var runs: [(Int64, Int64)] = []
-        var offset: Int64 = 0
-        while offset < len {
-            let (allocated, n0) = try await top.isAllocatedAbove(base: base, at: offset, length: len - offset)
-            let n = n0 > 0 ? n0 : len - offset
-            if allocated {
-                let s = alignDown(offset, granularity)
-                let e = min(len, alignUp(offset + n, granularity))
-                if let last = runs.last, last.1 >= s {
-                    runs[runs.count - 1].1 = max(last.1, e)
-                } else {
-                    runs.append((s, e))
-                }
-            }
-            offset += n
+        let granularity = await BlockCopy.defaultGranularity(of: base)
+        let bitmap = DirtyBitmap(size: len, granularity: granularity)
+        try await BlockCopy.markAllocated(bitmap, top: top, above: base)
+        if bitmap.isClean { return }
+        // Backing links from the image down to the base.
+        var baseDepth = 0
+        var node: BlockNode? = top
+        while let n = node, n !== base {
+            baseDepth += 1
+            node = n.backing
         }
-        let total = runs.reduce(Int64(0)) { $0 + $1.1 - $1.0 }
-        shared.withLock {
-            $0.runs = runs
-            $0.total = total
-            $0.pos = runs.first?.0 ?? 0
-        }
-        if runs.isEmpty { return }
-        let pool = IOThreadPool(count: Self.workers, name: "commit")
-        await withTaskGroup(of: Void.self) { group in
-            for i in 0..<Self.workers {
-                group.addTask(executorPreference: pool[i]) { await self.worker() }
-            }
-        }
-        pool.shutdown()
-        if let e = shared.withLock({ $0.error }) { throw e }
-    }
-
-    /// The next step: offset, length, method (nil when done).
-    private func plan() async throws(BlockError) -> (Int64, Int64, Method)? {
-        let (runEnd, off): (Int64, Int64)
-        let next = shared.withLock { s -> (Int64, Int64)? in
-            if s.error != nil { return nil }
-            while s.runIndex < s.runs.count && s.pos >= s.runs[s.runIndex].1 {
-                s.runIndex += 1
-                if s.runIndex < s.runs.count { s.pos = s.runs[s.runIndex].0 }
-            }
-            guard s.runIndex < s.runs.count else { return nil }
-            return (s.runs[s.runIndex].1, s.pos)
-        }
-        guard let n = next else { return nil }
-        (runEnd, off) = n
-        let want = runEnd - off
-        let st = try await top.blockStatusAbove(base: nil, at: off, length: want)
-        let f = st.status.flags
-        var io = max(st.status.length, 1)
-        var method = Method.copy
-        if f.contains(.data) { io = min(io, Self.maxIO) }
-        io -= io % granularity
-        if io < granularity {
-            io = granularity
-        } else if !f.contains(.data) {
-            method = f.contains(.zero) ? .zero : .discard
-        }
-        io = min(io, runEnd - off)
-        shared.withLock { $0.pos = off + io }
-        return (off, io, method)
-    }
-
-    private func fail(_ e: BlockError) {
-        shared.withLock { if $0.error == nil { $0.error = e } }
-    }
-
-    private func worker() async {
-        let buf = AlignedBuffer(count: Int(Self.maxIO))
-        while true {
-            await planLock.lock()
-            let step: (Int64, Int64, Method)?
+        let pool = IOThreadPool(count: workers, name: "commit")
+        defer { pool.shutdown() }
+        let controller = OfflineCopy(rate: UInt64(max(0, rate)), total: bitmap.dirtyBytes, progress: progress)
+        let engine = BlockCopy(.init(chunk: maxIO, runLength: 16 << 20, inFlight: workers, executors: pool.threads,
+                                     writebackTarget: base))
+        let depth = baseDepth
+        try await engine.copyDirty(bitmap: bitmap, controller: controller,
+                                   plan: BlockCopy.mirrorPlan(source: top, granularity: granularity, maxIO: maxIO)) {
+            (step, buffer) throws(CopyFailure) in
             do throws(BlockError) {
-                step = try await plan()
-            } catch {
-                planLock.unlock()
-                fail(error)
-                return
-            }
-            planLock.unlock()
-            guard let (off, n, method) = step else { return }
-            do throws(BlockError) {
-                switch method {
+                switch step.method {
                 case .copy:
-                    var done: Int64 = 0
-                    while done < n {
-                        var m = min(n - done, Self.maxIO)
-                        // Straight from the page cache of the layer's file
-                        // when one data run covers the piece (no copy).
-                        if mapHostFiles {
-                            let cs = try await top.blockStatusAbove(base: nil, at: off + done, length: m)
-                            let st = cs.status
-                            // Only from layers above the base (never a page
-                            // of the file being written).
-                            if cs.depth < baseDepth, st.flags.contains(.data), st.flags.contains(.offsetValid),
-                               !st.flags.contains(.zero), !st.flags.contains(.compressed),
-                               let fd = st.hostNode?.driver as? FileDriver,
-                               let map = HostMapping(fd.host, st.hostOffset, Int(min(m, st.length))) {
-                                m = min(m, st.length)
-                                defer { map.unmap() }
-                                try await base.write(at: off + done,
-                                                     from: UnsafeRawBufferPointer(start: map.pointer, count: Int(m)))
-                                done += m
-                                continue
-                            }
-                        }
-                        let view = buf.slice(0, Int(m))
-                        try await top.read(at: off + done, into: view)
-                        try await base.write(at: off + done, from: UnsafeRawBufferPointer(view))
-                        done += m
-                    }
+                    try await copy(step, top: top, base: base, baseDepth: depth, mapHostFiles: mapHostFiles, buffer)
                 case .zero:
-                    try await base.writeZeroes(at: off, length: n, flags: [.mayUnmap])
+                    try await base.writeZeroes(at: step.offset, length: step.length, flags: [.mayUnmap])
                 case .discard:
-                    try await base.discard(at: off, length: n)
+                    try await base.discard(at: step.offset, length: step.length)
+                case .skip:
+                    break
                 }
             } catch {
-                fail(error)
-                return
+                throw CopyFailure(error, isRead: false)
             }
-            let (done, total, kick) = shared.withLock { s -> (Int64, Int64, Bool) in
-                s.done += n
-                s.sinceWriteback += n
-                let kick = s.sinceWriteback >= 32 << 20
-                if kick { s.sinceWriteback = 0 }
-                return (s.done, s.total, kick)
-            }
-            // Keep the base's writeback going, so the final flush finds
-            // little left to write.
-            if kick && method == .copy { await base.startWriteback() }
-            progressLock.withLock { _ in
-                progress.advance(Float(Double(done) / Double(max(total, 1)) * 100), max: 0)
-            }
-            if rate > 0 {
-                // The job's speed limit: never ahead of rate bytes per second.
-                let due = Double(done) / Double(rate)
-                let elapsed = ContinuousClock.now - started
-                let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-                if due > secs {
-                    try? await Task.sleep(nanoseconds: UInt64((due - secs) * 1e9))
+        } inSync: { () throws(BlockError) in false }
+    }
+
+    /// Copies one data step, straight from the page cache of a layer's
+    /// file where one data run covers a piece (no bounce copy).
+    private static func copy(_ step: CopyStep, top: BlockNode, base: BlockNode, baseDepth: Int, mapHostFiles: Bool,
+                             _ buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        var done: Int64 = 0
+        let n = step.length
+        while done < n {
+            var m = n - done
+            let at = step.offset + done
+            if mapHostFiles {
+                let cs = try await top.blockStatusAbove(base: nil, at: at, length: m)
+                let st = cs.status
+                // Only from layers above the base (never a page of the
+                // file being written).
+                if cs.depth < baseDepth, st.flags.contains(.data), st.flags.contains(.offsetValid),
+                   !st.flags.contains(.zero), !st.flags.contains(.compressed),
+                   let fd = st.hostNode?.driver as? FileDriver,
+                   let map = HostMapping(fd.host, st.hostOffset, Int(min(m, st.length))) {
+                    m = min(m, st.length)
+                    defer { map.unmap() }
+                    try await base.write(at: at, from: UnsafeRawBufferPointer(start: map.pointer, count: Int(m)))
+                    done += m
+                    continue
                 }
             }
+            let view = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(m)])
+            try await top.read(at: at, into: view)
+            try await base.write(at: at, from: UnsafeRawBufferPointer(view))
+            done += m
         }
     }
+}
+
+/// What drives an offline copy: `-r`'s rate (QEMU's rate limiter, as the
+/// job's speed), the progress line, no pause or cancel; every error fails
+/// the copy.
+final class OfflineCopy: CopyController, @unchecked Sendable {
+    private struct State {
+        var rate = RateLimit()
+        var done: Int64 = 0
+    }
+    private let state = Mutex(State())
+    private let speed: UInt64
+    private let total: Int64
+    /// Guarded by `state`'s lock order: only touched inside `state.withLock`.
+    private let progress: Progress
+
+    init(rate: UInt64, total: Int64, progress: Progress) {
+        self.speed = rate
+        self.total = max(1, total)
+        self.progress = progress
+    }
+
+    func rateLimitDelay(_ bytes: UInt64) -> UInt64 {
+        state.withLock { $0.rate.delay(speed: speed, bytes: bytes, now: monotonicNanoseconds()) }
+    }
+
+    func sleep(nanoseconds ns: UInt64) async {
+        if ns > 0 { try? await Task.sleep(nanoseconds: ns) }
+    }
+
+    var cancelRequested: Bool { false }
+
+    func progressUpdate(_ n: UInt64) {
+        state.withLock { s in
+            s.done += Int64(n)
+            progress.advance(Float(Double(s.done) / Double(total) * 100), max: 0)
+        }
+    }
+
+    func progressSetRemaining(_ remaining: UInt64) {}
+
+    func errorAction(errno: Int32, isRead: Bool) async -> BlockErrorAction { .report }
 }
