@@ -115,7 +115,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["CLaminaSys"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(
             name: "BlockCoreTests",
-            dependencies: ["BlockCore", "BlockIO", "BlockGraph"],
+            dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockCopy"],
             swiftSettings: strict
         ),
         .testTarget(

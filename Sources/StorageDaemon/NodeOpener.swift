@@ -144,10 +144,11 @@ struct NodeOpener {
         return m.count == 1 ? "null-co://" : "json:" + JSON.object(m).compact
     }
 
-    /// The permission update for a new node's children (QEMU refreshes
-    /// each child's subtree as it is attached).
+    /// The permission update for a new node's edges (QEMU gives each
+    /// child edge the parent's default permissions as it is attached and
+    /// refreshes the child's subtree).
     private func checkEdges(_ node: BlockNode) throws(BlockError) {
-        try graph.refresh(node.children.map(\.node))
+        try graph.refresh([node])
     }
 
     private func openFile(_ f: FileOptions, _ eff: InheritedOptions, _ readOnly: inout Bool,
@@ -212,7 +213,7 @@ struct NodeOpener {
                     throw error.prefixed("Could not open backing file: ")
                 }
                 node.setBacking(b)
-                try graph.refresh([b])
+                try graph.refresh([node])
                 // QEMU's bdrv_backing_overridden: a backing node other than
                 // the file the header names (compared as strings) shows up
                 // in a json: filename.
@@ -263,6 +264,6 @@ struct NodeOpener {
             graph.register(l, name: nil, monitorOwned: false, options: inh.openOptions)
             layer = l.backing
         }
-        try graph.refresh([chain])
+        try graph.refresh([node])
     }
 }
