@@ -88,7 +88,10 @@ final class ExportRegistry {
         let blk = BlockBackend(node: rec.node, perm: o.writable ? [.consistentRead, .write] : [.consistentRead],
                                shared: [.consistentRead, .write, .writeUnchanged])
         try await graph.attach(blk)
-        let backend = NodeExportBackend(blk: blk, loop: loop, writable: o.writable,
+        // Requests run on the node's home executor (its IOContext), the
+        // same thread the jobs on the node use.
+        let home = (rec.node.context?.executor as? EventLoopExecutor) ?? loop
+        let backend = NodeExportBackend(blk: blk, loop: home, writable: o.writable,
                                         allocationDepth: o.allocationDepth, bitmaps: bitmaps)
         do throws(BlockError) {
             _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
