@@ -186,16 +186,10 @@ public final class BlockCopy: Sendable {
                     }
                     continue
                 }
-                precondition(step.offset == offset && step.length > 0, "a plan must start at its offset")
                 offset += step.length
-                if step.method == .skip {
-                    controller.progressUpdate(UInt64(step.length))
-                    continue
-                }
-                while running.count >= options.inFlight, let o = await running.collect() {
+                guard try await running.dispatch(step, planned: offset - step.length, perform, { (o) throws(BlockError) in
                     _ = try settle(o)
-                }
-                running.start(step, perform)
+                }) else { continue }
                 if options.inFlight == 1 {
                     // One at a time (QEMU's stream and commit): the step is
                     // over before the rate limit and the next pause point.
@@ -262,16 +256,8 @@ public final class BlockCopy: Sendable {
                         if await controller.errorAction(errno: error.errnoOrEIO, isRead: true) == .report { throw error }
                         break
                     }
-                    precondition(step.offset == pos && step.length > 0, "a plan must start at its offset")
                     pos += step.length
-                    if step.method == .skip {
-                        controller.progressUpdate(UInt64(step.length))
-                        continue
-                    }
-                    while running.count >= options.inFlight, let o = await running.collect() {
-                        try settle(o)
-                    }
-                    running.start(step, perform)
+                    guard try await running.dispatch(step, planned: pos - step.length, perform, settle) else { continue }
                     let counted = step.method == .copy || !options.freeZeroes ? step.length : 0
                     delay = controller.rateLimitDelay(UInt64(counted))
                 }
@@ -324,6 +310,23 @@ public final class BlockCopy: Sendable {
 
         var count: Int { tasks.count }
         var bytes: Int64 { tasks.reduce(0) { $0 + $1.0.length } }
+
+        /// Hands a planned step on: a `skip` step only counts as progress
+        /// (returns false); another waits for a free slot, settling the
+        /// steps that finish meanwhile, and starts.
+        mutating func dispatch(_ step: CopyStep, planned offset: Int64, _ perform: @escaping Perform,
+                               _ settle: (Outcome) throws(BlockError) -> Void) async throws(BlockError) -> Bool {
+            precondition(step.offset == offset && step.length > 0, "a plan must start at its offset")
+            if step.method == .skip {
+                controller.progressUpdate(UInt64(step.length))
+                return false
+            }
+            while count >= engine.options.inFlight, let o = await collect() {
+                try settle(o)
+            }
+            start(step, perform)
+            return true
+        }
 
         mutating func start(_ step: CopyStep, _ perform: @escaping Perform) {
             let engine = self.engine
