@@ -104,7 +104,7 @@ public final class BlockBackend: BlockParent {
         }
     }
 
-    public func drainEnd() {
+    public func drainEnd() async {
         let waiters = gate.withLock { g -> [UnsafeContinuation<Void, Never>] in
             g.quiesceCount -= 1
             if g.quiesceCount > 0 { return [] }

@@ -18,7 +18,9 @@ public protocol BlockParent: AnyObject, Sendable {
     /// Drained section (QEMU's drained_begin/end of a parent): stop
     /// sending requests to the child and wait for those in flight.
     func drainBegin() async
-    func drainEnd()
+    /// Ends the section; returns once the parent goes on (a job is back at
+    /// work, as QEMU's drained_end re-enters it at once).
+    func drainEnd() async
 }
 
 extension BlockParent {

@@ -263,8 +263,8 @@ extension BlockNode: BlockParent {
         await requests.waitIdle()
     }
 
-    public func drainEnd() {
-        for p in parents { p.parent?.drainEnd() }
+    public func drainEnd() async {
+        for p in parents { await p.parent?.drainEnd() }
     }
 }
 

@@ -156,8 +156,12 @@ public final class Graph {
     public func detach(_ backend: BlockBackend) async {
         guard backend.markReleased() else { return }
         let node = backend.node
-        if let i = backends.firstIndex(where: { $0 === backend }) {
-            backends.remove(at: i)
+        if backends.contains(where: { $0 === backend }) {
+            // QEMU's blk_unref drains the node (blk_drain), and so does the
+            // blk_remove_bs it calls: jobs above it pass a pause point twice.
+            await drain(node)
+            await drain(node)
+            backends.removeAll { $0 === backend }
             backend.root.detach()
             try? PermissionUpdate.refresh([node])
         }

@@ -41,22 +41,34 @@ extension Graph {
     }
 
     /// QEMU's bdrv_drained_end: the section's backends and jobs go on.
-    public func drainEnd(_ section: DrainedSection) {
-        for p in section.parents.reversed() { p.drainEnd() }
+    public func drainEnd(_ section: DrainedSection) async {
+        for p in section.parents.reversed() { await p.drainEnd() }
     }
 
     /// Runs `body` with `nodes` drained (`drainBegin` ... `drainEnd`).
     public func drained<T>(_ nodes: [BlockNode], except: (any BlockParent)? = nil,
                            _ body: () async throws(BlockError) -> T) async throws(BlockError) -> T {
         let section = await drainBegin(nodes, except: except)
-        defer { drainEnd(section) }
-        return try await body()
+        let result: T
+        do throws(BlockError) {
+            result = try await body()
+        } catch {
+            await drainEnd(section)
+            throw error
+        }
+        await drainEnd(section)
+        return result
     }
 
     /// QEMU's bdrv_drain_all: every node drained once (every job goes
     /// through a pause point), then released.
     public func drainAll() async {
-        drainEnd(await drainBegin(nodes))
+        await drainEnd(await drainBegin(nodes))
+    }
+
+    /// QEMU's blk_drain: the backend's node drained once, then released.
+    public func drain(_ node: BlockNode) async {
+        await drainEnd(await drainBegin([node]))
     }
 
     // MARK: - Replacing nodes

@@ -75,7 +75,7 @@ public final class BlockJobNodes: GraphJob {
         await job.drainPause()
     }
 
-    public func drainEnd() {
-        state.withLock { $0.job }?.drainResume()
+    public func drainEnd() async {
+        await state.withLock { $0.job }?.drainResume()
     }
 }

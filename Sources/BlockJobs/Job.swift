@@ -122,6 +122,8 @@ public final class Job: CopyController, Sendable {
         var resumeWaiters: [UnsafeContinuation<Void, Never>] = []
         /// Drained sections waiting for the body to stop being busy.
         var idleWaiters: [UnsafeContinuation<Void, Never>] = []
+        /// Drained sections waiting for the body to be back at work.
+        var backWaiters: [UnsafeContinuation<Void, Never>] = []
         /// The body returned.
         var finished = false
         var ready = false
@@ -203,6 +205,11 @@ public final class Job: CopyController, Sendable {
             $0.busy = true
         }
         await manager.transition(self, to: before)
+        let back = shared.withLock { s -> [UnsafeContinuation<Void, Never>] in
+            defer { s.backWaiters = [] }
+            return s.backWaiters
+        }
+        back.forEach { $0.resume() }
     }
 
     /// The body is not running requests (asleep, paused or returned).
@@ -232,10 +239,22 @@ public final class Job: CopyController, Sendable {
         }
     }
 
-    /// The end of that drained section (QEMU's job_resume).
-    func drainResume() {
-        shared.withLock { $0.pauseCount -= 1 }
-        wakeIfNeeded()
+    /// The end of that drained section (QEMU's job_resume, which re-enters
+    /// the job at once): a body parked only for drains is woken, and this
+    /// returns once it is back at work (JOB_STATUS_CHANGE running).
+    func drainResume() async {
+        let parked = shared.withLock { s -> Bool in
+            s.pauseCount -= 1
+            return s.paused && (s.pauseCount == 0 || s.cancelled)
+        }
+        guard parked else {
+            wakeIfNeeded()
+            return
+        }
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            shared.withLock { $0.backWaiters.append(c) }
+            wakeIfNeeded()
+        }
     }
 
     /// Wakes a paused body when the pause count dropped to zero or it was cancelled.

@@ -1,6 +1,7 @@
 import BlockCore
 import BlockGraph
 import BlockIO
+import BlockJobs
 import NBDServer
 import ServerKit
 
@@ -62,46 +63,55 @@ final class ExportRegistry {
 
     func find(_ id: String) -> ExportRecord? { exports.first { $0.id == id } }
 
+    /// QEMU's blk_exp_add then nbd_export_create, checks in their order.
     func add(_ o: NBDExportOptions) async throws(BlockError) {
+        if !JobManager.isWellFormedID(o.id) {
+            throw BlockError.invalid("Invalid block export id")
+        }
         if find(o.id) != nil {
             throw BlockError.invalid("Block export id '\(o.id)' is already in use")
         }
-        // QEMU's blk_exp_add finds the node before the NBD driver checks
-        // that the server runs.
         guard let rec = graph.find(o.nodeName) else {
             throw BlockError(.notFound, errno: 2, "Cannot find device='\(o.legacy ? o.nodeName : "")' nor node-name='\(o.nodeName)'")
         }
-        guard nbd.isRunning else { throw BlockError.invalid("NBD server not running") }
-        let name = o.name ?? o.nodeName
-        if name.utf8.count > 4096 {
-            throw BlockError.invalid("export name '\(name)' too long")
+        // nbd-server-add quietly exports a read-only node read-only.
+        let writable = o.writable && !(o.legacy && rec.node.readOnly)
+        if rec.node.readOnly && writable {
+            throw BlockError.invalid("Cannot export read-only node as writable")
         }
-        if o.description.map({ $0.utf8.count > 4096 }) == true {
-            throw BlockError.invalid("description '\(o.description!)' too long")
-        }
-        if nbd.exportNames().contains(name) {
-            throw BlockError.invalid("NBD server already has export named '\(name)'")
-        }
-        let bitmaps = try exportBitmaps(o.bitmaps, node: rec.node, writable: o.writable)
-        // QEMU's blk_exp_add: consistent read (and write), sharing all but
-        // resize (nbd_export_create forbids resizing an exported node).
-        let blk = BlockBackend(node: rec.node, perm: o.writable ? [.consistentRead, .write] : [.consistentRead],
-                               shared: [.consistentRead, .write, .writeUnchanged])
+        // The backend: consistent read (and write), sharing everything for
+        // now (QEMU's blk_new(ctx, perm, BLK_PERM_ALL) + blk_insert_bs).
+        let blk = BlockBackend(node: rec.node, perm: writable ? [.consistentRead, .write] : [.consistentRead],
+                               shared: .all)
         try await graph.attach(blk)
-        // Requests run on the node's home executor (its IOContext), the
-        // same thread the jobs on the node use.
-        let home = (rec.node.context?.executor as? EventLoopExecutor) ?? loop
-        let backend = NodeExportBackend(blk: blk, loop: home, writable: o.writable,
-                                        allocationDepth: o.allocationDepth, bitmaps: bitmaps)
         do throws(BlockError) {
+            guard nbd.isRunning else { throw BlockError.invalid("NBD server not running") }
+            let name = o.name ?? o.nodeName
+            if name.utf8.count > 4096 {
+                throw BlockError.invalid("export name '\(name)' too long")
+            }
+            if o.description.map({ $0.utf8.count > 4096 }) == true {
+                throw BlockError.invalid("description '\(o.description!)' too long")
+            }
+            if nbd.exportNames().contains(name) {
+                throw BlockError.invalid("NBD server already has export named '\(name)'")
+            }
+            // nbd_export_create: nobody may resize an exported node.
+            try graph.setPermissions(blk, blk.root.perm, shared: [.consistentRead, .write, .writeUnchanged])
+            let bitmaps = try exportBitmaps(o.bitmaps, node: rec.node, writable: writable)
+            // Requests run on the node's home executor (its IOContext), the
+            // same thread the jobs on the node use.
+            let home = (rec.node.context?.executor as? EventLoopExecutor) ?? loop
+            let backend = NodeExportBackend(blk: blk, loop: home, writable: writable,
+                                            allocationDepth: o.allocationDepth, bitmaps: bitmaps)
             _ = try nbd.addExport(NBDExportConfig(name: name, description: o.description, backend: backend,
-                                                  writable: o.writable, allocationDepth: o.allocationDepth,
+                                                  writable: writable, allocationDepth: o.allocationDepth,
                                                   bitmaps: o.bitmaps))
+            exports.insert(ExportRecord(id: o.id, nbdName: name, writable: writable, backend: backend), at: 0)
         } catch {
             await graph.detach(blk)
             throw error
         }
-        exports.insert(ExportRecord(id: o.id, nbdName: name, writable: o.writable, backend: backend), at: 0)
     }
 
     /// block-export-del / nbd-server-remove. `hard` disconnects clients;

@@ -256,7 +256,7 @@ final class ExternalSnapshotAction: TransactionAction {
 
     /// QEMU's external_snapshot_clean: the old node's drained section ends.
     func clean() async {
-        if let section { graph.drainEnd(section) }
+        if let section { await graph.drainEnd(section) }
         section = nil
     }
 }

@@ -142,3 +142,55 @@ struct GraphDuringJobsTests {
         }
     }
 }
+
+/// Permission conflicts with QEMU's messages, compared with
+/// qemu-storage-daemon 7.2: a second writer of an image (another file node
+/// on the same file: image locks), a writer on a read-only node, exports
+/// and deletions of nodes in use, writers of layers a job reads.
+@Suite("Permission conflicts compared with qemu-storage-daemon", .serialized)
+struct PermissionConflictTests {
+    @Test("second writers, read-only writers, nodes in use, writers under a job: QEMU's messages, nothing changes")
+    func conflicts() {
+        JobParity.both { r in
+            try r.startNamedChain()
+            let d = r.path("d.qcow2")
+            // Another file node on the image node-D writes: opening takes
+            // nothing; a qcow2 over it needs write, which node-D's file
+            // refuses (image locks, even in one process).
+            try r.ok("blockdev-add", ["driver": "file", "node-name": "fdup", "filename": .string(d)])
+            r.bad("blockdev-add", ["driver": "qcow2", "node-name": "qdup", "file": "fdup"])
+            // A read-only user may be added; exporting it writable is
+            // refused, and even read-only: an export forbids resizing,
+            // which node-D's file holds.
+            try r.ok("blockdev-add", ["driver": "raw", "node-name": "rdup", "file": "fdup", "read-only": true])
+            r.bad("block-export-add", ["type": "nbd", "id": "e1", "node-name": "rdup", "writable": true])
+            r.bad("block-export-add", ["type": "nbd", "id": "e1", "node-name": "rdup", "name": "ro"])
+            r.bad("block-export-add", ["type": "nbd", "id": "1e", "node-name": "rdup", "name": "ro"])
+            r.bad("nbd-server-add", ["device": "rdup", "name": "ro", "writable": true])
+            // Nodes in use.
+            r.bad("blockdev-del", ["node-name": "fdup"])
+            r.bad("blockdev-del", ["node-name": "node-C"])
+            r.bad("blockdev-del", ["node-name": "node-D"])
+            try r.ok("blockdev-del", ["node-name": "rdup"])
+            try r.ok("blockdev-del", ["node-name": "fdup"])
+            // A job that reads node-B and node-C refuses their writers.
+            let m = try r.startJob("block-stream", ["device": "node-D", "job-id": "job0", "speed": 1])
+            r.bad("block-export-add", ["type": "nbd", "id": "e2", "node-name": "node-B", "writable": true])
+            r.bad("block-commit", ["device": "node-D", "top-node": "node-C", "job-id": "job1"])
+            r.bad("blockdev-del", ["node-name": "node-B"])
+            try r.ok("block-export-add", ["type": "nbd", "id": "e2", "node-name": "node-B", "name": "b"])
+            try r.graphFact("graph with a reader of node-B during the stream")
+            try r.ok("block-export-del", ["id": "e2"])
+            let c = r.mark
+            try r.ok("block-job-cancel", ["device": "job0"])
+            try r.waitStatus("job0", "null", from: c)
+            #expect(r.events[m...].contains { $0["event"] == "BLOCK_JOB_CANCELLED" }, "\(r.label)")
+            // Now node-B may have a writer again (its users share write).
+            try r.ok("block-export-add", ["type": "nbd", "id": "e3", "node-name": "node-B", "name": "b", "writable": true])
+            try r.graphFact("graph after")
+            try r.ok("block-export-del", ["id": "e3"])
+            try r.quit()
+            try r.checkImages()
+        }
+    }
+}
