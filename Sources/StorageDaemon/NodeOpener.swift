@@ -187,10 +187,21 @@ struct NodeOpener {
         fo.readOnly = readOnly
         fo.noFlush = eff.cacheNoFlush
         if let l2 = q.l2CacheSize { fo.l2CacheBytes = Int(l2) }
+        // QEMU attaches the file child with the format's permissions before
+        // the format opens (and may write) the image: a second writer is
+        // refused before it touches anything.
+        let probe: StorageProbe
+        do throws(BlockError) {
+            probe = try await StorageProbe.attach(file, for: o.nodeName ?? "", writable: !readOnly, graph: graph)
+        } catch {
+            try? await file.close()
+            throw error
+        }
         let driver: any BlockDriver
         do throws(BlockError) {
             driver = try await FormatDrivers.open("qcow2", file: file, options: fo)
         } catch {
+            await probe.release()
             try? await file.close()
             throw error
         }
@@ -200,6 +211,9 @@ struct NodeOpener {
         // Named before the permission check, so its errors can name it.
         register(node, o, eff, readOnly, monitorOwned)
         do throws(BlockError) {
+            // The node's own edge takes over (no refresh in between: the
+            // locks stay held).
+            await probe.release(refreshing: false)
             try checkEdges(node)
             switch q.backing {
             case .some(.none):
@@ -226,6 +240,7 @@ struct NodeOpener {
                 }
             }
         } catch {
+            await probe.release()
             try? await node.close()
             throw error
         }
@@ -266,4 +281,57 @@ struct NodeOpener {
         }
         try graph.refresh([node])
     }
+}
+
+/// A format node's file edge before the format node exists (QEMU's
+/// bdrv_open_child attaches the child with the parent's permissions before
+/// the parent's driver opens it): the permissions the format will take are
+/// checked and the image locks taken, or the open is refused, before the
+/// driver reads or writes the image. Released once the node's own edge
+/// holds them.
+@ControlActor
+final class StorageProbe: BlockParent {
+    let parentDescription: String
+    private let edge: BlockChild
+    private let graph: Graph
+    private var released = false
+
+    private init(_ file: BlockNode, for nodeName: String, graph: Graph) {
+        parentDescription = "node '\(nodeName)'"
+        self.graph = graph
+        file.retain()
+        edge = BlockChild(name: "file", role: .image, node: file)
+    }
+
+    /// Attaches the probe with the permissions a format node takes on its
+    /// file (writable or not); throws, attaching nothing, when they cannot
+    /// be granted.
+    static func attach(_ file: BlockNode, for nodeName: String, writable: Bool,
+                       graph: Graph) async throws(BlockError) -> StorageProbe {
+        let probe = StorageProbe(file, for: nodeName, graph: graph)
+        let (p, s) = defaultChildPermissions(role: .image, writable: writable, perm: [], shared: .all)
+        probe.edge.setPermissions(p, s)
+        probe.edge.attach(to: probe)
+        do throws(BlockError) {
+            try graph.refresh([file])
+        } catch {
+            await probe.release()
+            throw error
+        }
+        return probe
+    }
+
+    /// Detaches the probe; with `refreshing`, the file's permissions
+    /// loosen now (else the caller's next update does it).
+    func release(refreshing: Bool = true) async {
+        if released { return }
+        released = true
+        let file = edge.node
+        edge.detach()
+        if refreshing { try? graph.refresh([file]) }
+        try? await file.close()
+    }
+
+    nonisolated func drainBegin() async {}
+    nonisolated func drainEnd() async {}
 }
