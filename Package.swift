@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "BlockCopy", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         // The copy-on-read filter driver (block-stream inserts one).
         .target(name: "CopyOnReadDriver", dependencies: ["BlockCore", "BlockGraph"], swiftSettings: strict),
+        // The blkdebug fault-injection filter (rules keyed on the drivers' debug events).
+        .target(name: "BlkdebugDriver", dependencies: ["BlockCore", "BlockGraph", "LaminaJSON"], swiftSettings: strict),
         // The job core (QEMU's job.c) and the block jobs: stream, commit, create, transactions.
         .target(
             name: "BlockJobs",
@@ -87,7 +89,7 @@ let package = Package(
         .target(
             name: "StorageDaemon",
             dependencies: [
-                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2",
+                "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "FileDriver", "RawDriver", "Qcow2", "BlkdebugDriver",
                 "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs", "ImgTool", "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
