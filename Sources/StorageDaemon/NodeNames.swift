@@ -1,3 +1,4 @@
+import BlkdebugDriver
 import BlockCore
 import BlockGraph
 import LaminaJSON
@@ -8,6 +9,7 @@ import LaminaJSON
 extension Graph {
     /// The node's options as QEMU's json: filenames embed them.
     func fullOptions(_ node: BlockNode) -> JSON {
+        if let d = node.driver as? BlkdebugDriver { return blkdebugFullOptions(node, d) }
         if let j = entry(node)?.jsonFilename, let v = try? JSON.parse(String(j.dropFirst(5))) {
             return v
         }
