@@ -113,6 +113,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "BlkdebugDriverTests",
+            dependencies: ["BlockCore", "BlockGraph", "BlkdebugDriver"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "Qcow2Tests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "Qcow2", "BlockDrivers", "FileDriver", "TestSupport"],
             swiftSettings: strict

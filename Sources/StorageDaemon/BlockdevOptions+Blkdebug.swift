@@ -78,11 +78,11 @@ extension Graph {
         var m: [(String, JSON)] = [("driver", .string("blkdebug"))]
         if let c = o.config { m.append(("config", .string(c))) }
         // QEMU flattens each rule's members (iterated in QDict order) into
-        // the options of the blockdev-add, copies the options of each nested
-        // node into a dictionary of its own (iterating the parent's), and
-        // finally copies the rules out of the node's dictionary: each copy
-        // inserts in the source's iteration order, which decides the order
-        // of keys sharing a hash bucket.
+        // the options of the blockdev-add; a parent node works on a copy of
+        // its options and copies its child's out of that; finally the
+        // rules are copied out of the node's own options. Each copy inserts
+        // in the source's iteration order, which decides the order of keys
+        // sharing a hash bucket.
         func flattened(_ prefix: String, _ rules: [[(String, JSON)]]) -> [(String, JSON)] {
             var flat: [(String, JSON)] = []
             for (i, members) in rules.enumerated() {
@@ -91,7 +91,8 @@ extension Graph {
             for level in o.nesting.indices {
                 let outer = o.nesting[level...].map { $0 + "." }.joined()
                 let n = outer.utf8.count
-                flat = JSON.qdictOrder(flat.map { (outer + $0.0, $0.1) }).map { (String($0.0.utf8.dropFirst(n))!, $0.1) }
+                let copied = JSON.qdictOrder(JSON.qdictOrder(flat.map { (outer + $0.0, $0.1) }))
+                flat = copied.map { (String($0.0.utf8.dropFirst(n))!, $0.1) }
             }
             return JSON.qdictOrder(flat)
         }
