@@ -167,6 +167,35 @@ struct BlkdebugTests {
         ])
     }
 
+    // MARK: - Jobs meeting injected errors
+
+    @Test("block-stream reading through blkdebug: report fails the job, enospc stops it until resumed, as QEMU")
+    func streamJobErrors() {
+        for (errno, onError) in [(5, "report"), (28, "enospc")] {
+            JobParity.both { r in
+                r.result = "top.qcow2"
+                try r.makeBlkdebugImage("base.qcow2")
+                try r.expectOK(try qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                                            r.path("top.qcow2")]), "qemu-img create top")
+                try r.start(["--blockdev", "driver=qcow2,node-name=base,file.driver=blkdebug,file.image.driver=file,"
+                             + "file.image.filename=\(r.path("base.qcow2")),file.inject-error.0.event=read_aio,"
+                             + "file.inject-error.0.errno=\(errno),file.inject-error.0.once=on",
+                             "--blockdev", "driver=qcow2,node-name=top,file.driver=file,"
+                             + "file.filename=\(r.path("top.qcow2")),backing=base"], exportNode: "top")
+                let m = try r.startJob("block-stream", .object([("device", "top"), ("job-id", "j0"),
+                                                                ("on-error", .string(onError))]))
+                if onError == "enospc" {
+                    try r.waitStatus("j0", "paused", from: m)
+                    r.cmd("query-block-jobs")
+                    try r.ok("block-job-resume", ["device": "j0"])
+                }
+                try r.waitStatus("j0", "null", from: m)
+                try r.nodesFact("nodes after the job")
+                try r.expectExportContent([PatternWrite(pattern: 1, offset: 0, length: 1 << 20)], "the data")
+            }
+        }
+    }
+
     // MARK: - (c) align and max-transfer
 
     @Test("opt-write-zero and max-write-zero: QEMU's split, unaligned pieces written as data")
