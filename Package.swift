@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "BlockCopy", dependencies: ["BlockCore", "BlockIO", "BlockGraph"], swiftSettings: strict),
         // The copy-on-read filter driver (block-stream inserts one).
         .target(name: "CopyOnReadDriver", dependencies: ["BlockCore", "BlockGraph"], swiftSettings: strict),
+        // The blkdebug fault-injection filter (rules keyed on the drivers' debug events).
+        .target(name: "BlkdebugDriver", dependencies: ["BlockCore", "BlockGraph", "LaminaJSON"], swiftSettings: strict),
         // The job core (QEMU's job.c) and the block jobs: stream, commit, create, transactions.
         .target(
             name: "BlockJobs",
@@ -94,7 +96,8 @@ let package = Package(
             name: "StorageDaemon",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "FileDriver", "RawDriver", "Qcow2",
-                "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs", "CLaminaSys",
+                "BlkdebugDriver", "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs",
+                "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -116,6 +119,11 @@ let package = Package(
         .testTarget(
             name: "BlockCoreTests",
             dependencies: ["BlockCore", "BlockIO", "BlockGraph", "BlockCopy"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "BlkdebugDriverTests",
+            dependencies: ["BlockCore", "BlockGraph", "BlkdebugDriver"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -148,6 +148,8 @@ public protocol BlockDriver: AnyObject, Sendable {
     func discard(at offset: Int64, length: Int64) async throws(BlockError)
     func flush() async throws(BlockError)
     /// Status of this layer only, starting at `offset`, for at most `length` bytes.
+    /// Filters answer for their filtered child (its node's status), the
+    /// generic layer returns that answer unchanged.
     func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus
     /// Writes bytes taken from a host file, if the driver can do it without
     /// a bounce buffer; false means "not supported here, use a buffer". Same

@@ -51,17 +51,22 @@ extension BlockNode {
 
     /// Calls `body` for consecutive pieces of [offset, offset+length) of at
     /// most `max` bytes (0: one piece), QEMU's splitting by the limits.
+    /// With `align` > 1 the limit is rounded down to it (as QEMU's) and
+    /// pieces end on its multiples, so that each piece padded to the
+    /// alignment still fits in the limit.
     @inline(__always)
-    private func split(_ offset: Int64, _ length: Int64, _ max: Int64,
+    private func split(_ offset: Int64, _ length: Int64, _ max: Int64, align: Int64 = 1,
                        _ body: (Int64, Int64) async throws(BlockError) -> Void) async throws(BlockError) {
-        if max <= 0 || length <= max {
+        if max <= 0 || (length <= max && (align <= 1 || alignUp(offset + length, align) - alignDown(offset, align) <= max)) {
             try await body(offset, length)
             return
         }
+        let m = align > 1 ? Swift.max(alignDown(max, align), align) : max
         var done: Int64 = 0
         while done < length {
-            let n = Swift.min(max, length - done)
-            try await body(offset + done, n)
+            let o = offset + done
+            let n = Swift.min(align > 1 ? alignDown(o, align) + m - o : m, length - done)
+            try await body(o, n)
             done += n
         }
     }
@@ -76,7 +81,7 @@ extension BlockNode {
             try await copyOnRead(offset, Int64(buffer.count), into: buffer)
             return
         }
-        try await split(offset, Int64(buffer.count), limits.maxTransfer) { (o, n) async throws(BlockError) in
+        try await split(offset, Int64(buffer.count), limits.maxTransfer, align: Int64(driver.requestAlignment)) { (o, n) async throws(BlockError) in
             let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(o - offset)..<Int(o - offset + n)])
             let token = await requests.begin(o, n, serialising: false)
             defer { requests.end(token) }
@@ -163,7 +168,7 @@ extension BlockNode {
             try await writeZeroes(at: offset, length: Int64(buffer.count), flags: zflags)
             return
         }
-        try await split(offset, Int64(buffer.count), limits.maxTransfer) { (o, n) async throws(BlockError) in
+        try await split(offset, Int64(buffer.count), limits.maxTransfer, align: Int64(driver.requestAlignment)) { (o, n) async throws(BlockError) in
             let piece = UnsafeRawBufferPointer(rebasing: buffer[Int(o - offset)..<Int(o - offset + n)])
             if needsAlignment(o, piece.count, piece.baseAddress) {
                 try await alignedWrite(o, piece, flags)
@@ -171,6 +176,9 @@ extension BlockNode {
             }
             let token = await requests.begin(o, n, serialising: false)
             defer { requests.end(token) }
+            // QEMU's bdrv_aligned_pwritev events, on the node itself.
+            debugEvent(.pwritev)
+            defer { debugEvent(.pwritevDone) }
             try await driver.write(at: o, from: piece, flags: flags)
         }
     }
@@ -196,6 +204,8 @@ extension BlockNode {
     }
 
     private func driverWriteZeroes(_ offset: Int64, _ length: Int64, _ flags: WriteFlags) async throws(BlockError) {
+        debugEvent(.pwritevZero)
+        defer { debugEvent(.pwritevDone) }
         try await split(offset, length, limits.maxWriteZeroes) { (o, n) async throws(BlockError) in
             let token = await requests.begin(o, n, serialising: false)
             defer { requests.end(token) }
@@ -255,9 +265,10 @@ extension BlockNode {
             return BlockStatus(flags: [.eof], length: 0)
         }
         let want = min(length, size - offset)
-        if let c = filteredChild {
-            // A filter answers what its filtered child answers.
-            return try await c.node.blockStatus(at: offset, length: want)
+        if filteredChild != nil {
+            // A filter answers what its filtered child answers (its driver
+            // asks the child; blkdebug may fail the request first).
+            return try await driver.blockStatus(at: offset, length: want)
         }
         var st = try await driver.blockStatus(at: offset, length: want)
         if st.length > want { st.length = want }
@@ -342,9 +353,17 @@ extension BlockNode {
         let token = await requests.begin(start, Int64(len), serialising: isRMW)
         defer { requests.end(token) }
         if isRMW {
+            // QEMU's padding events around the read of the head and tail.
+            let head = start != offset, tail = start + Int64(len) != offset + Int64(buffer.count)
+            if head { debugEvent(.pwritevRmwHead) }
+            if tail { debugEvent(.pwritevRmwTail) }
             try await driver.read(at: start, into: bounce.bytes)
+            if head { debugEvent(.pwritevRmwAfterHead) }
+            if tail { debugEvent(.pwritevRmwAfterTail) }
         }
         bounce.slice(Int(offset - start), buffer.count).copyMemory(from: buffer)
+        debugEvent(.pwritev)
+        defer { debugEvent(.pwritevDone) }
         try await driver.write(at: start, from: UnsafeRawBufferPointer(bounce.bytes), flags: flags)
     }
 }

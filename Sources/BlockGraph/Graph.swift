@@ -118,13 +118,23 @@ public final class Graph {
     }
 
     /// Names a node (a generated name if `name` is nil) and adds it to the
-    /// graph's home context.
-    public func register(_ node: BlockNode, name: String?, monitorOwned: Bool, options: NodeOpenOptions = NodeOpenOptions()) {
+    /// graph's home context. `seq`: a place in the naming order taken
+    /// earlier with `reserveSeq()` (nil: the next one).
+    public func register(_ node: BlockNode, name: String?, monitorOwned: Bool, options: NodeOpenOptions = NodeOpenOptions(),
+                         seq: Int? = nil) {
         node.setNodeName(name ?? generateName())
         node.setForceShare(options.forceShare)
         if node.context == nil { node.setContext(context) }
-        entries[ObjectIdentifier(node)] = GraphEntry(node: node, seq: nextSeq, monitorOwned: monitorOwned, options: options)
-        nextSeq += 1
+        entries[ObjectIdentifier(node)] = GraphEntry(node: node, seq: seq ?? nextSeq, monitorOwned: monitorOwned, options: options)
+        if seq == nil { nextSeq += 1 }
+    }
+
+    /// Takes the next place in the naming order for a node registered
+    /// later (QEMU names a protocol or filter node before it opens its
+    /// children).
+    public func reserveSeq() -> Int {
+        defer { nextSeq += 1 }
+        return nextSeq
     }
 
     /// Forgets nodes whose last reference was closed.

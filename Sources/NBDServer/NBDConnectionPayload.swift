@@ -68,6 +68,19 @@ extension NBDConnection {
         resumeReadsIfPossible()
     }
 
+    /// A request ended the connection (QEMU 7.2's sparse read failing
+    /// half-way): reported like QEMU ("Disconnect client, due to: ..."),
+    /// then the socket is closed once what was written before is sent;
+    /// the failed request gets no reply and later replies are dropped.
+    func requestFailedFatally(_ reason: String) {
+        inFlight -= 1
+        if !closing {
+            server.report("Disconnect client, due to: \(reason)")
+            closeAfterPendingWrites()
+        }
+        detachIfFinished()
+    }
+
     func writeReply(_ reply: ByteBuffer) {
         context?.write(wrapOutboundOut(reply), promise: nil)
     }

@@ -29,17 +29,33 @@ final class NBDRequestRunner: Sendable {
             ? backend.readExecutor(offset: Int64(request.offset), length: Int(request.length))
             : backend.executor
         Task(executorPreference: executor) { [self] in
-            let reply = await self.serve(request, payload: payload)
-            let loop = self.connection.eventLoop
-            if loop.inEventLoop {
-                self.connection.value.requestDone(reply)
+            let reply: ByteBuffer
+            if request.type == NBDCommand.read {
+                switch await self.read(request) {
+                case .reply(let b): reply = b
+                case .disconnect(let reason):
+                    self.onLoop { $0.requestFailedFatally(reason) }
+                    return
+                }
             } else {
-                loop.execute { self.connection.value.requestDone(reply) }
+                reply = await self.serve(request, payload: payload)
             }
+            self.onLoop { $0.requestDone(reply) }
         }
     }
 
-    /// Runs one command. Errors become error replies, never thrown.
+    /// Runs `body` with the connection on its loop.
+    private func onLoop(_ body: @escaping @Sendable (NBDConnection) -> Void) {
+        let loop = connection.eventLoop
+        if loop.inEventLoop {
+            body(connection.value)
+        } else {
+            loop.execute { body(self.connection.value) }
+        }
+    }
+
+    /// Runs one command but READ (see `read`). Errors become error
+    /// replies, never thrown.
     func serve(_ r: NBDRequest, payload: ByteBuffer?) async -> ByteBuffer {
         let offset = Int64(r.offset)
         let length = Int64(r.length)
@@ -47,7 +63,7 @@ final class NBDRequestRunner: Sendable {
         do {
             switch r.type {
             case NBDCommand.read:
-                return await read(r)
+                preconditionFailure("reads are served by read(_:)")
             case NBDCommand.write:
                 if let payload, payload.readableBytes > 0 {
                     try await payload.withStableReadableBytes { (bytes) async throws(BlockError) in

@@ -5,15 +5,24 @@ import BlockCore
 import NBDProtocol
 import NIOCore
 
+/// What serving a READ produced.
+enum NBDReadOutcome {
+    case reply(ByteBuffer)
+    /// QEMU 7.2 drops the connection when reading data for a sparse
+    /// structured reply fails (its reply is then half sent); the reason is
+    /// what it reports ("Failed to send reply: reading from file failed: ...").
+    case disconnect(String)
+}
+
 /// NBD_CMD_READ and NBD_CMD_BLOCK_STATUS: replies that carry data. Data is
 /// read by the backend straight into the reply buffer, behind its header.
 extension NBDRequestRunner {
-    func read(_ r: NBDRequest) async -> ByteBuffer {
+    func read(_ r: NBDRequest) async -> NBDReadOutcome {
         let offset = Int64(r.offset)
         let length = Int(r.length)
         // QEMU flushes before a read that carries FUA.
         if r.has(NBDCommandFlags.fua) {
-            do { try await backend.flush() } catch { return errorReply(r, NBDError(error), "flush failed") }
+            do { try await backend.flush() } catch { return .reply(errorReply(r, NBDError(error), "flush failed")) }
         }
         if !session.structured {
             var out = allocator.buffer(capacity: NBDReplyCodec.simpleHeaderSize + length)
@@ -28,9 +37,9 @@ extension NBDRequestRunner {
                     }
                 }
             } catch {
-                return simpleReply(r, NBDError(error))
+                return .reply(simpleReply(r, NBDError(error)))
             }
-            return out
+            return .reply(out)
         }
         if length == 0 {
             var out = allocator.buffer(capacity: NBDReplyCodec.chunkHeaderSize)
@@ -39,17 +48,18 @@ extension NBDRequestRunner {
                                           cookie: r.cookie, length: 0)
                 return NBDReplyCodec.chunkHeaderSize
             }
-            return out
+            return .reply(out)
         }
+        let sparse = !r.has(NBDCommandFlags.dontFragment)
         var runs: [(zero: Bool, length: Int)] = []
-        if r.has(NBDCommandFlags.dontFragment) {
+        if !sparse {
             runs.append((false, length))
         } else {
             do {
                 runs = try await zeroRuns(offset: offset, length: length)
             } catch {
                 let code = error.errno != 0 ? error.errno : EIO
-                return errorReply(r, NBDError(error), "unable to check for holes: " + errnoString(code))
+                return .reply(errorReply(r, NBDError(error), "unable to check for holes: " + errnoString(code)))
             }
         }
         var total = 0
@@ -78,14 +88,16 @@ extension NBDRequestRunner {
                         try await backend.read(at: at, into: p)
                     }
                 } catch {
-                    // QEMU drops the connection here; a whole-reply buffer
-                    // lets us answer with an error chunk instead.
-                    return errorReply(r, NBDError(error), "reading from file failed")
+                    if sparse {
+                        let code = error.errno != 0 ? error.errno : EIO
+                        return .disconnect("Failed to send reply: reading from file failed: " + errnoString(code))
+                    }
+                    return .reply(errorReply(r, NBDError(error), "reading from file failed"))
                 }
             }
             position += Int64(run.length)
         }
-        return out
+        return .reply(out)
     }
 
     /// Splits [offset, offset+length) into alternating zero/data runs.

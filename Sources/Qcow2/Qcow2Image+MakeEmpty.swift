@@ -66,6 +66,7 @@ extension Qcow2Image {
         try await barrier()
         try await applyFreesLocked(durable: true, force: true)
         // 1. Nothing mapped any more.
+        file.debugEvent(.l1Update)
         if header.l1Size > 0 {
             let bytes = Int(alignUp(Int64(header.l1Size) * 8, 512))
             let zeros = AlignedBuffer(count: bytes, zeroed: true)
@@ -76,7 +77,9 @@ extension Qcow2Image {
         try await barrier()
         // 2. Drop every refcount block but the first (it describes all that
         //    is still referenced).
+        file.debugEvent(.emptyImagePrepare)
         if refTable.count > 1, refTable[1...].contains(where: { $0 != 0 }) {
+            file.debugEvent(.reftableUpdate)
             for i in 1..<refTable.count { refTable[i] = 0 }
             let buf = AlignedBuffer(count: geo.clusterSize, zeroed: true)
             buf.pointer.storeBytes(of: refTable[0].bigEndian, as: UInt64.self)
@@ -88,6 +91,7 @@ extension Qcow2Image {
         for c in 0..<(3 + l1Clusters) {
             RefcountCodec.set(block.pointer, Int(c), order: geo.refcountOrder, 1)
         }
+        file.debugEvent(.refblockAlloc)
         try await file.write(at: 2 * cs, from: UnsafeRawBufferPointer(block.bytes))
         refCache.removeAll()
         try await barrier()

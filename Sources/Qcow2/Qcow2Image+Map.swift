@@ -34,6 +34,7 @@ extension Qcow2Image {
             throw await corruption("L2 table offset \(hex(off)) unaligned (L1 index: \(hex(Int64(l1Index))))")
         }
         let b = AlignedBuffer(count: geo.clusterSize)
+        file.debugEvent(.l2Load)
         try await Qcow2Image.readInto(file, b, off)
         l2Cache.insert(off, b)
         return (off, b)
@@ -119,12 +120,15 @@ extension Qcow2Image {
     // MARK: - Executing reads
 
     /// Reads planned extents into `buffer` (which starts at guest offset
-    /// `base`). Runs outside the lock.
+    /// `base`). Runs outside the lock. Tells the file node `read_aio`
+    /// before reading guest data from it (QEMU's BLKDBG_EVENT).
     func readExtents(_ extents: [Extent], base: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
         for e in extents {
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(e.guest - base)..<Int(e.guest - base + e.length)])
             switch e.kind {
             case .data(let host):
+                let file = self.file
+                file.debugEvent(.readAio)
                 try await file.read(at: host, into: dst)
             case .zero:
                 dst.zeroFill()
@@ -145,6 +149,7 @@ extension Qcow2Image {
             dst.zeroFill()
             return
         }
+        file.debugEvent(.readBackingAio)
         let blen = b.length
         let avail = max(0, min(Int64(dst.count), blen - guest))
         if avail > 0 {
@@ -158,6 +163,7 @@ extension Qcow2Image {
     func decompressCluster(_ entry: UInt64) async throws(BlockError) -> AlignedBuffer {
         let (off, len) = geo.compressedRange(entry)
         let cbuf = AlignedBuffer(count: len)
+        file.debugEvent(.readCompressed)
         try await file.read(at: off, into: cbuf.bytes)
         let out = AlignedBuffer(count: geo.clusterSize)
         let rc: Int32

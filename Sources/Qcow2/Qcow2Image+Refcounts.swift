@@ -33,6 +33,7 @@ extension Qcow2Image {
             throw await corruption("Refblock offset \(hex(offset)) unaligned (reftable index: \(hex(index)))")
         }
         let b = AlignedBuffer(count: geo.clusterSize)
+        file.debugEvent(.refblockLoad)
         try await Qcow2Image.readInto(file, b, offset)
         refCache.insert(offset, b)
         return b
@@ -66,6 +67,7 @@ extension Qcow2Image {
         }
         let lo = RefcountCodec.byteRange(first, order: geo.refcountOrder).lowerBound
         let hi = RefcountCodec.byteRange(first + Int(count) - 1, order: geo.refcountOrder).upperBound
+        file.debugEvent(.refblockUpdatePart)
         try await writeTableRange(b, at: off, lo..<hi)
     }
 
@@ -102,7 +104,9 @@ extension Qcow2Image {
             guardCount += 1
             if guardCount > 64 { throw await corruption("Could not allocate a refcount block") }
             if index < Int64(refTable.count) && refTable[Int(index)] & Qcow2.refTableOffsetMask != 0 { return }
+            file.debugEvent(.refblockAlloc)
             if index >= Int64(refTable.count) {
+                file.debugEvent(.reftableGrow)
                 try await growRefTable(toCover: index)
                 continue
             }
@@ -120,9 +124,11 @@ extension Qcow2Image {
                 try await ensureRefblock(fidx)
                 continue
             }
+            file.debugEvent(.refblockAllocWrite)
             try await file.write(at: f * Int64(geo.clusterSize), from: UnsafeRawBufferPointer(newBlock.bytes))
             refCache.insert(f * Int64(geo.clusterSize), newBlock)
             refTable[Int(index)] = UInt64(f * Int64(geo.clusterSize))
+            file.debugEvent(.refblockAllocHookup)
             try await writeRefTableEntry(Int(index))
             noteMetadata(cluster: f)
             if f == freeClusterHint { freeClusterHint = f + 1 }
@@ -165,6 +171,7 @@ extension Qcow2Image {
             throw BlockError(.io, errno: 27, "Refcount table too large")
         }
         // Build the blocks.
+        file.debugEvent(.refblockAllocWriteBlocks)
         for j in 0..<k {
             let block = AlignedBuffer(count: geo.clusterSize, zeroed: true)
             let blockFirst = areaStart + j * e
@@ -183,8 +190,10 @@ extension Qcow2Image {
         let tableOffset = (areaStart + k) * cs
         let tbuf = AlignedBuffer(count: Int(tableClusters * cs), zeroed: true)
         for (i, v) in newTable.enumerated() { tbuf.setBE64(i, v) }
+        file.debugEvent(.refblockAllocWriteTable)
         try await file.write(at: tableOffset, from: UnsafeRawBufferPointer(tbuf.bytes))
         try await barrier()
+        file.debugEvent(.refblockAllocSwitchTable)
         // Switch the header (refcount_table_offset + refcount_table_clusters: 12 contiguous bytes).
         var hb = [UInt8](repeating: 0, count: 12)
         hb.putBE64(UInt64(tableOffset), 0)
@@ -213,6 +222,7 @@ extension Qcow2Image {
             refcountsNeedSync = false
         }
         for (off, buf, range) in l2Cache.dirtyEntries() {
+            file.debugEvent(.l2Update)
             try await writeTableRange(buf, at: off, range)
             l2Cache.markClean(off)
         }
@@ -255,6 +265,7 @@ extension Qcow2Image {
     /// the reserve, refilling it first if empty. Returns the first cluster
     /// index and how many were taken (at least 1).
     func allocateClusters(_ count: Int64) async throws(BlockError) -> (Int64, Int64) {
+        file.debugEvent(.clusterAlloc)
         if releaseReservePending {
             releaseReservePending = false
             try await releaseReserveLocked()
@@ -278,6 +289,7 @@ extension Qcow2Image {
     /// the first cluster index.
     func allocateContiguousLocked(_ count: Int64, asMetadata: Bool = true) async throws(BlockError) -> Int64 {
         precondition(count > 0)
+        file.debugEvent(.clusterAlloc)
         var c = try await findFreeCluster(from: freeClusterHint)
         var attempts = 0
         while true {
@@ -370,6 +382,7 @@ extension Qcow2Image {
     /// still use it and (unless cache.no-flush) after the next flush.
     func queueFree(_ offset: Int64, _ length: Int64) {
         guard length > 0 else { return }
+        file.debugEvent(.clusterFree)
         pendingFrees.append(PendingFree(offset: offset, length: length, epoch: ioGate.advance()))
     }
 

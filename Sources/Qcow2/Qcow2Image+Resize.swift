@@ -126,13 +126,16 @@ extension Qcow2Image {
         let bytes = Int64(newCount) * 8
         let clusters = divRoundUp(bytes, cs)
         try await releaseReserveLocked()
+        file.debugEvent(.l1GrowAllocTable)
         let start = try await allocateContiguousLocked(clusters)
         let offset = start * cs
         let a = Int64(max(8, file.driver.requestAlignment))
         let buf = AlignedBuffer(count: Int(alignUp(bytes, a)), zeroed: true)
         for (i, e) in l1.enumerated() { buf.setBE64(i, e) }
+        file.debugEvent(.l1GrowWriteTable)
         try await file.write(at: offset, from: UnsafeRawBufferPointer(buf.bytes))
         try await barrier()
+        file.debugEvent(.l1GrowActivateTable)
         var hb = [UInt8](repeating: 0, count: 12)
         hb.putBE32(UInt32(newCount), 0)
         hb.putBE64(UInt64(offset), 4)
@@ -488,12 +491,14 @@ extension Qcow2Image {
                     l1[i] = 0
                 }
                 do throws(BlockError) {
+                    file.debugEvent(.l1ShrinkWriteTable)
                     try await writeL1RangeLocked(newL1, l1.count)
                     try await barrier()
                 } catch {
                     throw error.prefixed("Failed to reduce the number of L2 tables: ")
                 }
                 try await writebackL2Locked()
+                if !dropped.isEmpty { file.debugEvent(.l1ShrinkFreeL2Clusters) }
                 for off in dropped {
                     l2Cache.remove(off)
                     forgetMetadata(clusters: (off / cs)..<(off / cs + 1))

@@ -21,6 +21,7 @@ extension Qcow2Image {
     // MARK: - L1 / L2 for writing
 
     func writeL1EntryLocked(_ i: Int) async throws(BlockError) {
+        file.debugEvent(.l1Update)
         let a = max(8, file.driver.requestAlignment)
         let perSpan = a / 8
         let first = i / perSpan * perSpan
@@ -51,13 +52,17 @@ extension Qcow2Image {
         }
         let cs = Int64(geo.clusterSize)
         let buf = AlignedBuffer(count: geo.clusterSize, zeroed: true)
-        if old != 0, let (_, oldTable) = try await l2TableLocked(l1Index) {
-            buf.bytes.copyMemory(from: UnsafeRawBufferPointer(oldTable.bytes))
+        if old != 0 {
+            file.debugEvent(.l2AllocCowRead)
+            if let (_, oldTable) = try await l2TableLocked(l1Index) {
+                buf.bytes.copyMemory(from: UnsafeRawBufferPointer(oldTable.bytes))
+            }
         }
         let (c, _) = try await allocateClusters(1)
         let newOff = c * cs
         if newOff == 0 { throw await corruption("Preventing invalid allocation of L2 table at offset 0") }
         try await checkOverlap(newOff, cs)
+        file.debugEvent(.l2AllocWrite)
         try await file.write(at: newOff, from: UnsafeRawBufferPointer(buf.bytes))
         noteMetadata(cluster: c)
         l1[l1Index] = UInt64(newOff) | Qcow2.oflagCopied
@@ -211,6 +216,8 @@ extension Qcow2Image {
             let epoch = ioGate.enter()
             lock.unlock()
             defer { ioGate.leave(epoch) }
+            let file = self.file
+            file.debugEvent(.writeAio)
             try await data.slice(0, Int(len)).write(to: file, at: host)
             return Int(len)
 
@@ -276,30 +283,42 @@ extension Qcow2Image {
         lock.unlock()
 
         var ioError: BlockError?
+        // QEMU's events: the copy-on-write regions are read (`cow_read`),
+        // then the guest data is written (`write_aio`), merged with the
+        // regions (`cow_write`) when it touches them.
+        let file = self.file
         do throws(BlockError) {
             let dataLen = Int(writeEnd - guest)
             if headLen == 0 && tailLen == 0 {
+                file.debugEvent(.writeAio)
                 try await data.slice(0, dataLen).write(to: file, at: host)
             } else if n == 1 {
                 let bounce = AlignedBuffer(count: Int(cs))
+                file.debugEvent(.cowRead)
                 try await readExtents(head, base: runStart, into: bounce.slice(0, Int(headLen)))
                 try data.slice(0, dataLen).copy(into: bounce.slice(Int(headLen), dataLen))
                 try await readExtents(tail, base: writeEnd, into: bounce.slice(Int(cs - tailLen), Int(tailLen)))
+                file.debugEvent(.writeAio)
+                file.debugEvent(.cowWrite)
                 try await file.write(at: host, from: UnsafeRawBufferPointer(bounce.bytes))
             } else {
                 var dataPos = 0
                 var hostPos = host
+                file.debugEvent(.cowRead)
                 if headLen > 0 {
                     let bounce = AlignedBuffer(count: Int(cs))
                     try await readExtents(head, base: runStart, into: bounce.slice(0, Int(headLen)))
                     let part = Int(cs - headLen)
                     try data.slice(0, part).copy(into: bounce.slice(Int(headLen), part))
+                    file.debugEvent(.writeAio)
+                    file.debugEvent(.cowWrite)
                     try await file.write(at: hostPos, from: UnsafeRawBufferPointer(bounce.bytes))
                     dataPos = part
                     hostPos += cs
                 }
                 let middleEnd = tailLen > 0 ? dataLen - Int(cs - tailLen) : dataLen
                 if middleEnd > dataPos {
+                    file.debugEvent(.writeAio)
                     try await data.slice(dataPos, middleEnd - dataPos).write(to: file, at: hostPos)
                     hostPos += Int64(middleEnd - dataPos)
                     dataPos = middleEnd
@@ -309,6 +328,8 @@ extension Qcow2Image {
                     let part = dataLen - dataPos
                     try data.slice(dataPos, part).copy(into: bounce.slice(0, part))
                     try await readExtents(tail, base: writeEnd, into: bounce.slice(part, Int(tailLen)))
+                    file.debugEvent(.writeAio)
+                    file.debugEvent(.cowWrite)
                     try await file.write(at: hostPos, from: UnsafeRawBufferPointer(bounce.bytes))
                 }
             }
@@ -384,11 +405,16 @@ extension Qcow2Image {
         let epoch = ioGate.enter()
         lock.unlock()
         var ioError: BlockError?
+        let file = self.file
         do throws(BlockError) {
             let bounce = AlignedBuffer(count: Int(fillEnd - fillStart))
+            let cow = start > fillStart || fillEnd > end
+            if cow { file.debugEvent(.cowRead) }
             try await readExtents(head, base: clusterGuest + fillStart, into: bounce.slice(0, Int(start - fillStart)))
             try data.copy(into: bounce.slice(Int(start - fillStart), data.count))
             try await readExtents(tail, base: clusterGuest + end, into: bounce.slice(Int(end - fillStart), Int(fillEnd - end)))
+            file.debugEvent(.writeAio)
+            if cow { file.debugEvent(.cowWrite) }
             try await file.write(at: host + fillStart, from: UnsafeRawBufferPointer(bounce.bytes))
         } catch {
             ioError = error
@@ -627,6 +653,8 @@ extension Qcow2Image {
         lock.unlock()
         var ioError: BlockError?
         do throws(BlockError) {
+            let file = self.file
+            file.debugEvent(.writeCompressed)
             try await file.write(at: host, from: UnsafeRawBufferPointer(out.slice(0, n)))
         } catch { ioError = error }
         await lock.lock()
@@ -651,6 +679,7 @@ extension Qcow2Image {
     /// adding one reference.
     private func allocateCompressedBytesLocked(_ n: Int) async throws(BlockError) -> Int64 {
         let cs = Int64(geo.clusterSize)
+        file.debugEvent(.clusterAllocBytes)
         if compressedFreeByte != 0 && compressedFreeByte % cs + Int64(n) <= cs {
             let off = compressedFreeByte
             try await changeRefcount(off / cs, by: 1)

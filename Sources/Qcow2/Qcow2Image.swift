@@ -203,6 +203,7 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
         let rtEntries = Int(header.refcountTableClusters) * g.clusterSize / 8
         var rt = [UInt64](repeating: 0, count: rtEntries)
         if rtEntries > 0 {
+            file.debugEvent(.reftableLoad)
             try await readTable(file, Int64(header.refcountTableOffset), &rt, what: "refcount table")
         }
         let img = Qcow2Image(file: file, header: header, l1: l1, refTable: rt, options: options)
@@ -435,11 +436,17 @@ public final class Qcow2Image: BackingDriver, @unchecked Sendable {
 
     // MARK: - Flush / close
 
+    /// QEMU's flush of a qcow2 node: `flush_to_os` to the file node, the
+    /// cached tables written back, `flush_to_disk` (unless cache.no-flush),
+    /// then the file flushed.
     public func flush() async throws(BlockError) {
         if isReadOnly { return }
+        let file = self.file
+        file.debugEvent(.flushToOS)
         try await lock.withLock { () async throws(BlockError) in
             try await writebackL2Locked()
         }
+        if !options.noFlush { file.debugEvent(.flushToDisk) }
         try await file.flush()
         try await lock.withLock { () async throws(BlockError) in
             try await applyFreesLocked(durable: true)

@@ -67,6 +67,8 @@ public final class RawDriver: BlockDriver, Sendable {
     }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws(BlockError) {
+        let file = self.file
+        file.debugEvent(.readAio)
         try await file.read(at: self.offset + offset, into: buffer)
     }
 
@@ -83,6 +85,8 @@ public final class RawDriver: BlockDriver, Sendable {
                 throw BlockError(.permissionDenied, errno: 1, "Operation not permitted")
             }
         }
+        let file = self.file
+        file.debugEvent(.writeAio)
         try await file.write(at: self.offset + offset, from: buffer, flags: flags)
     }
 
@@ -93,6 +97,7 @@ public final class RawDriver: BlockDriver, Sendable {
     public func copyIn(at offset: Int64, from host: HostFile, sourceOffset: Int64, length: Int,
                        flags: WriteFlags) async throws(BlockError) -> Bool {
         if probed && offset < 512 { return false }
+        file.debugEvent(.writeAio)
         try await file.copyIn(at: self.offset + offset, from: host, sourceOffset: sourceOffset, length: length, flags: flags)
         return true
     }
@@ -101,7 +106,15 @@ public final class RawDriver: BlockDriver, Sendable {
         try await file.discard(at: self.offset + offset, length: length)
     }
 
-    public func flush() async throws(BlockError) { try await file.flush() }
+    /// QEMU's flush of a raw node: `flush_to_os` and `flush_to_disk` to
+    /// the file node (raw has nothing of its own to write back), then the
+    /// file flushed.
+    public func flush() async throws(BlockError) {
+        let file = self.file
+        file.debugEvent(.flushToOS)
+        file.debugEvent(.flushToDisk)
+        try await file.flush()
+    }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws(BlockError) -> BlockStatus {
         var st = try await file.blockStatus(at: self.offset + offset, length: length)

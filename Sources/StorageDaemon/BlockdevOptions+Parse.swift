@@ -73,8 +73,10 @@ extension BlockdevOptions {
             if let l = try a.optionalInteger("latency-ns", as: Int64.self) { n.latencyNs = l }
             if let z = try a.optionalBool("read-zeroes") { n.readZeroes = z }
             d = .nullCo(n)
+        case "blkdebug":
+            d = .blkdebug(try parseBlkdebug(a))
         default:
-            throw QMPError("Driver '\(driver)' is not supported by Lamina (supported: file, raw, qcow2, null-co)")
+            throw QMPError("Driver '\(driver)' is not supported by Lamina (supported: file, raw, qcow2, null-co, blkdebug)")
         }
         var o = BlockdevOptions(driver: d)
         o.nodeName = nodeName

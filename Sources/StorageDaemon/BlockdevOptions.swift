@@ -10,6 +10,7 @@ public struct BlockdevOptions: Sendable {
         case raw(RawOptions)
         case qcow2(Qcow2Options)
         case nullCo(NullOptions)
+        case blkdebug(BlkdebugBlockdevOptions)
     }
 
     public var nodeName: String?
@@ -31,6 +32,7 @@ public struct BlockdevOptions: Sendable {
         case .raw: return "raw"
         case .qcow2: return "qcow2"
         case .nullCo: return "null-co"
+        case .blkdebug: return "blkdebug"
         }
     }
 }

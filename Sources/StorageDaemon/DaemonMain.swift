@@ -6,6 +6,7 @@ import BlockDrivers
 import BlockGraph
 import CLaminaSys
 import LaminaJSON
+import NBDServer
 import QMP
 import Qcow2
 import ServerKit
@@ -32,6 +33,8 @@ public final class DaemonMain {
         daemon.eventSink = { name, data in q.emit(event: name, data: data) }
         let ev = done
         daemon.onQuit = { ev.signal() }
+        // QEMU reports dropped NBD clients on stderr (error_report).
+        daemon.nbd.errorReporter = { message in FileHandleStderr.write("\(prog): \(message)\n") }
     }
 
     /// NBD replies of up to 32 MiB are allocated per request on an I/O
@@ -63,13 +66,19 @@ public final class DaemonMain {
         for o in options {
             switch o {
             case .blockdev(let arg):
+                let bo: BlockdevOptions
                 do throws(QMPError) {
                     let a = try QAPIInput.fromOption(arg, impliedKey: "driver")
-                    let bo = try BlockdevOptions.parse(a)
+                    bo = try BlockdevOptions.parse(a)
                     try a.finish()
-                    try await Commands.qmp { () async throws(BlockError) in try await daemon.blockdevAdd(bo) }
                 } catch {
                     throw fail("blockdev", arg, error.desc)
+                }
+                do throws(BlockError) {
+                    try await daemon.blockdevAdd(bo)
+                } catch {
+                    // On the command line QEMU prints the error's hint lines too.
+                    throw fail("blockdev", arg, error.message)
                 }
             case .chardev(let arg):
                 let c: ChardevSpec

@@ -51,6 +51,15 @@ final class NodeExportBackend: NBDBackend, Sendable {
     }
 
     var size: Int64 { node.length }
+    /// QEMU's blk_get_request_alignment: the node's.
+    var requestAlignment: UInt32 { UInt32(clamping: max(1, node.driver.requestAlignment)) }
+    /// QEMU's blk_get_max_transfer: the node's limit (none: INT_MAX),
+    /// rounded down to the request alignment.
+    var maxTransfer: UInt32 {
+        let a = Int64(requestAlignment)
+        let m = node.limits.maxTransfer > 0 ? min(node.limits.maxTransfer, Int64(Int32.max)) : Int64(Int32.max)
+        return UInt32(alignDown(m, a))
+    }
     var supportsTrim: Bool { true }
     var supportsFastZero: Bool { true }
     /// One node serves every connection, and a flush flushes it for all of
@@ -64,10 +73,11 @@ final class NodeExportBackend: NBDBackend, Sendable {
         try await request { (node) async throws(BlockError) in try await node.read(at: offset, into: buffer) }
     }
 
+    /// FUA is the node's business (QEMU's BDRV_REQ_FUA): every driver
+    /// makes a FUA write durable, natively or by flushing itself.
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, fua: Bool) async throws(BlockError) {
         try await request { (node) async throws(BlockError) in
             try await node.write(at: offset, from: buffer, flags: fua ? [.fua] : [])
-            if fua { try await node.flush() }
         }
     }
 

@@ -20,7 +20,7 @@ enum NodeInfo {
         if let b = node.backing {
             m.append(("backing_file", .string(graph.displayFilename(b))))
         }
-        m.append(("backing_file_depth", .int(flat ? 0 : Int64(Graph.backingDepth(node)))))
+        m.append(("backing_file_depth", .int(flat ? 0 : Int64(filterOrBackingDepth(node)))))
         m.append(("encrypted", .bool(false)))
         m.append(("detect_zeroes", .string(node.policy.detectZeroes.rawValue)))
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
@@ -49,10 +49,23 @@ enum NodeInfo {
         if let j = graph.entry(node)?.jsonFilename, let i = m.firstIndex(where: { $0.0 == "filename" }) {
             m[i].1 = .string(j)
         }
-        if !flat, let b = node.backing {
+        // QEMU lists a filter's filtered child here too.
+        if !flat, let b = node.filterOrBacking {
             m.append(("backing-image", await imageInfo(b, graph: graph, flat: false)))
         }
         return .object(m)
+    }
+
+    /// QEMU's backing_file_depth: the nodes below `node` through filtered
+    /// children and backing files.
+    static func filterOrBackingDepth(_ node: BlockNode) -> Int {
+        var d = 0
+        var n = node.filterOrBacking
+        while let b = n {
+            d += 1
+            n = b.filterOrBacking
+        }
+        return d
     }
 
     /// x-debug-query-block-graph: the graph's own walk (backends, jobs,

@@ -1,3 +1,4 @@
+import BlkdebugDriver
 import BlockCore
 import BlockGraph
 import LaminaJSON
@@ -8,11 +9,12 @@ import LaminaJSON
 extension Graph {
     /// The node's options as QEMU's json: filenames embed them.
     func fullOptions(_ node: BlockNode) -> JSON {
-        if let j = entry(node)?.jsonFilename, let v = try? JSON.parse(String(j.dropFirst(5))) {
-            return v
+        if let d = node.driver as? BlkdebugDriver { return blkdebugFullOptions(node, d) }
+        if let j = entry(node)?.jsonFilename, j.hasPrefix("json:"), let v = try? JSON.parse(String(j.dropFirst(5))) {
+            return Self.reinserted(v)
         }
         if node.filename.hasPrefix("json:"), let v = try? JSON.parse(String(node.filename.dropFirst(5))) {
-            return v
+            return Self.reinserted(v)
         }
         if node.formatName == "file" {
             return .object([("driver", .string("file")), ("filename", .string(node.filename))])
@@ -21,6 +23,18 @@ extension Graph {
             return .object([("driver", .string(node.formatName)), ("file", fullOptions(f))])
         }
         return .object([("driver", .string(node.formatName)), ("filename", .string(node.filename))])
+    }
+
+    /// Options read back from a printed json: name: QEMU printed each
+    /// dictionary in iteration order, newest member first within a hash
+    /// bucket, so the members are inserted again in reverse for the
+    /// printer to give that order back.
+    static func reinserted(_ j: JSON) -> JSON {
+        switch j {
+        case .object(let m): return .object(m.reversed().map { ($0.0, reinserted($0.1)) })
+        case .array(let a): return .array(a.map(reinserted))
+        default: return j
+        }
     }
 
     /// The json: name of a qcow2 node whose backing is not the one its

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import BlkdebugDriver
 import BlockCore
 import BlockDrivers
 import BlockGraph
@@ -111,6 +112,7 @@ struct NodeOpener {
             }
             node = BlockNode(driver: driver, filename: file.filename, readOnly: readOnly, policy: policy)
             register(node, o, eff, readOnly, monitorOwned)
+            graph.entry(node)?.jsonFilename = graph.formatDisplayName(format: "raw", file: file)
             if r.offset != nil || r.size != nil {
                 var m: [(String, JSON)] = [("driver", .string("raw")), ("file", graph.fullOptions(file))]
                 if let v = r.offset { m.append(("offset", .int(v))) }
@@ -125,6 +127,8 @@ struct NodeOpener {
             }
         case .qcow2(let q):
             node = try await openQcow2(q, o, eff, &readOnly, policy, monitorOwned)
+        case .blkdebug(let b):
+            node = try await openBlkdebug(b, o, eff, readOnly, policy, monitorOwned)
         }
         return node
     }
@@ -210,6 +214,7 @@ struct NodeOpener {
         let node = BlockNode(driver: driver, filename: file.filename, readOnly: readOnly, policy: policy)
         // Named before the permission check, so its errors can name it.
         register(node, o, eff, readOnly, monitorOwned)
+        graph.entry(node)?.jsonFilename = graph.formatDisplayName(format: "qcow2", file: file)
         do throws(BlockError) {
             // The node's own edge takes over (no refresh in between: the
             // locks stay held).
@@ -241,6 +246,34 @@ struct NodeOpener {
             }
         } catch {
             await probe.release()
+            try? await node.close()
+            throw error
+        }
+        return node
+    }
+
+    /// blkdebug (QEMU's blkdebug_open): the option syntax and the rules
+    /// first, then the image, then the limits checked against the image.
+    private func openBlkdebug(_ b: BlkdebugBlockdevOptions, _ o: BlockdevOptions, _ eff: InheritedOptions,
+                              _ readOnly: Bool, _ policy: NodePolicy, _ monitorOwned: Bool) async throws(BlockError) -> BlockNode {
+        let setup = try BlkdebugSetup(b.options)
+        // QEMU names the node before it opens the image.
+        let seq = graph.reserveSeq()
+        let name = o.nodeName ?? graph.generateName()
+        let image = try await child(b.image, parent: eff, backing: false, parentName: o.nodeName)
+        let driver: BlkdebugDriver
+        do throws(BlockError) {
+            driver = try BlkdebugDriver(image: image, setup: setup)
+        } catch {
+            try? await image.close()
+            throw error
+        }
+        let node = BlockNode(driver: driver, filename: image.filename, readOnly: readOnly, policy: policy)
+        graph.register(node, name: name, monitorOwned: monitorOwned, options: eff.openOptions, seq: seq)
+        graph.entry(node)?.jsonFilename = graph.blkdebugDisplayName(node, driver)
+        do throws(BlockError) {
+            try checkEdges(node)
+        } catch {
             try? await node.close()
             throw error
         }
