@@ -356,11 +356,15 @@ public final class BlockCopy: Sendable {
             return Outcome(step: step, failure: failure, action: action)
         }
 
-        /// Waits for every step still running, dropping their outcomes (the
-        /// copy has failed already): nothing is left doing I/O.
+        /// Waits for every step still running (the copy has failed
+        /// already): nothing is left doing I/O; each further failure is
+        /// still reported to the policy (QEMU's jobs report every failed
+        /// request), its answer dropped.
         mutating func waitAll() async {
             while !tasks.isEmpty {
-                _ = await tasks.removeFirst().1.value
+                if let failure = await tasks.removeFirst().1.value {
+                    _ = await controller.errorAction(errno: failure.error.errnoOrEIO, isRead: failure.isRead)
+                }
             }
         }
     }

@@ -174,7 +174,8 @@ extension Daemon: GraphEditor {
         if let base, let name, name != graph.displayFilename(base) {
             rec.jsonFilename = graph.jsonFilename(overlay, file: file, backing: graph.fullOptions(base))
         } else {
-            rec.jsonFilename = nil
+            // Not overridden: the name the format node has over its file.
+            rec.jsonFilename = graph.formatDisplayName(format: overlay.formatName, file: file)
         }
     }
 

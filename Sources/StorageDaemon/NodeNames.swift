@@ -37,6 +37,17 @@ extension Graph {
         }
     }
 
+    /// The name of a format node (qcow2, raw) over `file` as QEMU's
+    /// bdrv_refresh_filename derives it when nothing else overrides it:
+    /// the file's own name if it is plain, else "json:" with the format
+    /// and the file's options. Nil when it is the file's plain file name.
+    func formatDisplayName(format: String, file: BlockNode) -> String? {
+        let name = displayFilename(file)
+        if name == file.filename { return nil }
+        if !name.hasPrefix("json:") { return name }
+        return "json:" + JSON.object([("driver", .string(format)), ("file", fullOptions(file))]).compact
+    }
+
     /// The json: name of a qcow2 node whose backing is not the one its
     /// header names: every option in it.
     func jsonFilename(_ node: BlockNode, file: BlockNode, backing: JSON) -> String {

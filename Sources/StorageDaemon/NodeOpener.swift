@@ -236,7 +236,7 @@ struct NodeOpener {
                 // QEMU's bdrv_backing_overridden: a backing node other than
                 // the file the header names (compared as strings) shows up
                 // in a json: filename.
-                if header?.backingFileName != b.filename {
+                if header?.backingFileName != graph.displayFilename(b) {
                     graph.entry(node)?.jsonFilename = graph.jsonFilename(node, file: file, backing: graph.fullOptions(b))
                 }
             case .none:

@@ -370,7 +370,7 @@ final class JobRun: @unchecked Sendable {
 
     /// qemu-img info --backing-chain of `image`: the chain must be
     /// `expect` (file names), and is a fact (backing strings modulo the directory).
-    func chainFact(_ image: String, expect: [String]) throws {
+    func chainFact(_ image: String, expect: [String]?) throws {
         let r = try qemuImg(["info", "--backing-chain", "--output=json", path(image)])
         try expectOK(r, "qemu-img info --backing-chain \(image)")
         let chain = try JSON.parse(r.stdout).arrayValue ?? []
@@ -378,7 +378,7 @@ final class JobRun: @unchecked Sendable {
         let lines = chain.map { i in canonical(.array(keys.map { i[$0] ?? .null })).compact }
         fact("chain of \(image)", lines.joined(separator: "\n"))
         let names = chain.map { ($0["filename"]?.stringValue ?? "?").split(separator: "/").last.map(String.init) ?? "?" }
-        #expect(names == expect, "\(label): chain of \(image):\n\(r.stdout)")
+        if let expect { #expect(names == expect, "\(label): chain of \(image):\n\(r.stdout)") }
     }
 
     /// qemu-img check of every qcow2 image of the run.
