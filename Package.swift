@@ -96,7 +96,7 @@ let package = Package(
             name: "StorageDaemon",
             dependencies: [
                 "BlockCore", "BlockIO", "BlockGraph", "BlockDrivers", "BlockInfo", "FileDriver", "RawDriver", "Qcow2",
-                "BlkdebugDriver", "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs",
+                "BlkdebugDriver", "CopyOnReadDriver", "LaminaJSON", "QMP", "NBDProtocol", "NBDServer", "ServerKit", "BlockCopy", "BlockJobs",
                 "CLaminaSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -75,8 +75,12 @@ extension BlockdevOptions {
             d = .nullCo(n)
         case "blkdebug":
             d = .blkdebug(try parseBlkdebug(a))
+        case "copy-on-read":
+            var c = CopyOnReadOptions(file: try parseRef(a.required("file")))
+            c.bottom = try a.optionalString("bottom")
+            d = .copyOnRead(c)
         default:
-            throw QMPError("Driver '\(driver)' is not supported by Lamina (supported: file, raw, qcow2, null-co, blkdebug)")
+            throw QMPError("Driver '\(driver)' is not supported by Lamina (supported: file, raw, qcow2, null-co, blkdebug, copy-on-read)")
         }
         var o = BlockdevOptions(driver: d)
         o.nodeName = nodeName

@@ -11,6 +11,7 @@ public struct BlockdevOptions: Sendable {
         case qcow2(Qcow2Options)
         case nullCo(NullOptions)
         case blkdebug(BlkdebugBlockdevOptions)
+        case copyOnRead(CopyOnReadOptions)
     }
 
     public var nodeName: String?
@@ -33,6 +34,7 @@ public struct BlockdevOptions: Sendable {
         case .qcow2: return "qcow2"
         case .nullCo: return "null-co"
         case .blkdebug: return "blkdebug"
+        case .copyOnRead: return "copy-on-read"
         }
     }
 }
@@ -65,6 +67,14 @@ public struct Qcow2Options: Sendable {
     public var backing: BlockdevRef??
     public var lazyRefcounts: Bool?
     public var l2CacheSize: Int64?
+    public init(file: BlockdevRef) { self.file = file }
+}
+
+/// QAPI BlockdevOptionsCor.
+public struct CopyOnReadOptions: Sendable {
+    public var file: BlockdevRef
+    /// The lowest node whose data is copied (a node name).
+    public var bottom: String?
     public init(file: BlockdevRef) { self.file = file }
 }
 

@@ -5,6 +5,7 @@ import BlkdebugDriver
 import BlockCore
 import BlockDrivers
 import BlockGraph
+import CopyOnReadDriver
 import FileDriver
 import LaminaJSON
 import RawDriver
@@ -129,6 +130,39 @@ struct NodeOpener {
             node = try await openQcow2(q, o, eff, &readOnly, policy, monitorOwned)
         case .blkdebug(let b):
             node = try await openBlkdebug(b, o, eff, readOnly, policy, monitorOwned)
+        case .copyOnRead(let c):
+            node = try await openCopyOnRead(c, o, eff, readOnly, policy, monitorOwned)
+        }
+        return node
+    }
+
+    /// copy-on-read (QEMU's cor_open): the file, then the bottom node.
+    private func openCopyOnRead(_ c: CopyOnReadOptions, _ o: BlockdevOptions, _ eff: InheritedOptions,
+                                _ readOnly: Bool, _ policy: NodePolicy, _ monitorOwned: Bool) async throws(BlockError) -> BlockNode {
+        let file = try await child(c.file, parent: eff, backing: false, parentName: o.nodeName)
+        var bottom: BlockNode?
+        if let name = c.bottom {
+            guard let b = graph.find(name)?.node else {
+                try? await file.close()
+                throw BlockError.invalid("Bottom node '\(name)' not found")
+            }
+            if b.driver.isFilter {
+                try? await file.close()
+                throw BlockError.invalid("Bottom node '\(name)' is a filter")
+            }
+            bottom = b
+        }
+        let node = BlockNode(driver: CopyOnReadFilter(file: file, bottom: bottom), filename: graph.displayFilename(file),
+                             readOnly: readOnly, policy: policy)
+        register(node, o, eff, readOnly, monitorOwned)
+        // A filter the user named shows its options (bdrv_refresh_filename).
+        graph.entry(node)?.jsonFilename = "json:" + JSON.object([("driver", .string("copy-on-read")),
+                                                                 ("file", graph.fullOptions(file))]).compact
+        do throws(BlockError) {
+            try checkEdges(node)
+        } catch {
+            try? await node.close()
+            throw error
         }
         return node
     }

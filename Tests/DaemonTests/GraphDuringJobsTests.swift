@@ -194,3 +194,61 @@ struct PermissionConflictTests {
         }
     }
 }
+
+/// The copy-on-read filter added by the user (blockdev-add), compared with
+/// qemu-storage-daemon 7.2: its options and errors, its place in the graph,
+/// and what reading through it copies into the node below.
+@Suite("copy-on-read filter by blockdev-add compared with qemu-storage-daemon", .serialized)
+struct CopyOnReadFilterTests {
+    @Test("blockdev-add copy-on-read over the active layer with a bottom: reads through it copy only what lies above the bottom; bad options")
+    func corFilter() {
+        JobParity.both { r in
+            try r.startNamedChain()
+            r.bad("blockdev-add", ["driver": "copy-on-read", "node-name": "cor0"])
+            r.bad("blockdev-add", ["driver": "copy-on-read", "node-name": "cor0", "file": "node-D", "bottom": "nope"])
+            r.bad("blockdev-add", ["driver": "copy-on-read", "node-name": "cor0", "file": "nope"])
+            try r.ok("blockdev-add", ["driver": "copy-on-read", "node-name": "cor0", "file": "node-D", "bottom": "node-C"])
+            r.bad("blockdev-add", ["driver": "copy-on-read", "node-name": "cor1", "file": "node-D", "bottom": "cor0"])
+            try r.ok("block-export-add", ["type": "nbd", "id": "e1", "node-name": "cor0", "name": "cor"])
+            try r.graphFact("graph with the filter")
+            try r.nodesFact("nodes with the filter")
+            // Reading the whole disk through the filter copies what C
+            // holds into D (not B's or A's data: bottom is C).
+            let read = try run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                                "nbd+unix:///cor?socket=\(r.nbdSocket)", r.path("out.raw")])
+            try r.expectOK(read, "read through the filter")
+            try r.ok("block-export-del", ["id": "e1"])
+            try r.ok("blockdev-del", ["node-name": "cor0"])
+            try r.graphFact("graph after")
+            try r.quit()
+            // D now allocates C's ranges itself; the guest view is unchanged.
+            let map = try run(["qemu-img", "map", "--output=json", "-f", "qcow2", r.path("d.qcow2")])
+            try r.expectOK(map, "qemu-img map")
+            // Host offsets follow the order in which qemu-img convert's
+            // parallel reads completed (and decide which extents the map
+            // merges); the allocation (depth, data, zero) is the fact.
+            let allocation = Self.allocation(map.stdout)
+            #expect(allocation.contains(#"1572864+1048576 "depth": 0"#), "C's range now in D: \(allocation)")
+            r.fact("allocation of d.qcow2", allocation)
+            try r.checkImages()
+            try r.expectContent("d.qcow2", BlockJobTests.everything, "A+B+C+D")
+        }
+    }
+
+    /// qemu-img map's JSON lines without host offsets, neighbours with the
+    /// same attributes merged: "start+length attributes" per line.
+    static func allocation(_ map: String) -> String {
+        var merged: [(start: Int, length: Int, rest: String)] = []
+        for line in map.split(separator: "\n") {
+            guard let m = line.firstMatch(of: #/"start": (\d+), "length": (\d+), (.*?)(, "offset": \d+)?\}/#),
+                  let start = Int(m.1), let length = Int(m.2) else { continue }
+            let rest = String(m.3)
+            if let last = merged.last, last.rest == rest, last.start + last.length == start {
+                merged[merged.count - 1].length += length
+            } else {
+                merged.append((start, length, rest))
+            }
+        }
+        return merged.map { "\($0.start)+\($0.length) \($0.rest)" }.joined(separator: "\n")
+    }
+}
