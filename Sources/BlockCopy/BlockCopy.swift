@@ -69,9 +69,10 @@ public struct CopyFailure: Error, Sendable {
 /// points, cancellation and the on-error policy; the target's writeback is
 /// kept going so the final flush finds little to write.
 ///
-/// Threading: the coordinating loop runs on the caller's executor (a job's
-/// home executor); steps run on `executors` (round robin), or on the
-/// caller's executor when there are none.
+/// Threading: the coordinating loop runs on the first of `executors` (the
+/// caller's executor when there are none). One step at a time
+/// (`inFlight` 1, QEMU's stream and commit) runs right there, so a step
+/// costs no thread hop; several run as tasks on `executors`, round robin.
 public final class BlockCopy: Sendable {
     /// What an ignored error means (QEMU's jobs differ).
     public enum IgnoredError: Sendable {
@@ -118,6 +119,9 @@ public final class BlockCopy: Sendable {
     private let buffers: Mutex<[AlignedBuffer]>
     private let writebackBytes = Atomic<Int64>(0)
     static let writebackEvery: Int64 = 32 << 20
+    /// The writeback kick running beside the copy (at most one).
+    private let writeback = Mutex<Task<Void, Never>?>(nil)
+    private let writebackBusy = Atomic<Bool>(false)
 
     public init(_ options: Options) {
         self.options = options
@@ -132,6 +136,20 @@ public final class BlockCopy: Sendable {
     /// (`skipAndFail`) or planned again (`retry`).
     public func copyRange(length: Int64, controller: any CopyController, ignored: IgnoredError,
                           plan: Plan, perform: @escaping Perform) async throws(BlockError) {
+        try await withTaskExecutorPreference(options.executors.first) { () async throws(BlockError) in
+            do throws(BlockError) {
+                try await copyRangeHere(length: length, controller: controller, ignored: ignored, plan: plan,
+                                        perform: perform)
+            } catch {
+                await writebackDone()
+                throw error
+            }
+            await writebackDone()
+        }
+    }
+
+    private func copyRangeHere(length: Int64, controller: any CopyController, ignored: IgnoredError,
+                               plan: Plan, perform: @escaping Perform) async throws(BlockError) {
         controller.progressSetRemaining(UInt64(length))
         var running = Running(self, controller)
         var firstIgnored: BlockError?
@@ -218,6 +236,20 @@ public final class BlockCopy: Sendable {
     /// `report` fails the copy.
     public func copyDirty(bitmap: DirtyBitmap, controller: any CopyController, plan: Plan,
                           perform: @escaping Perform, inSync: () async throws(BlockError) -> Bool) async throws(BlockError) {
+        try await withTaskExecutorPreference(options.executors.first) { () async throws(BlockError) in
+            do throws(BlockError) {
+                try await copyDirtyHere(bitmap: bitmap, controller: controller, plan: plan, perform: perform,
+                                        inSync: inSync)
+            } catch {
+                await writebackDone()
+                throw error
+            }
+            await writebackDone()
+        }
+    }
+
+    private func copyDirtyHere(bitmap: DirtyBitmap, controller: any CopyController, plan: Plan,
+                               perform: @escaping Perform, inSync: () async throws(BlockError) -> Bool) async throws(BlockError) {
         var running = Running(self, controller)
         var cursor: Int64 = 0
         var delay: UInt64 = 0
@@ -278,13 +310,41 @@ public final class BlockCopy: Sendable {
 
     fileprivate func giveBack(_ b: AlignedBuffer) { buffers.withLock { $0.append(b) } }
 
-    fileprivate func copied(_ n: Int64) async {
+    /// Runs one step with a buffer of its own; nil when it succeeded.
+    fileprivate func run(_ step: CopyStep, _ perform: Perform) async -> CopyFailure? {
+        let buffer = takeBuffer()
+        defer { giveBack(buffer) }
+        do throws(CopyFailure) {
+            try await perform(step, buffer.bytes)
+        } catch {
+            return error
+        }
+        if step.method == .copy { copied(step.length) }
+        return nil
+    }
+
+    /// Every `writebackEvery` bytes copied, the target's writeback is
+    /// started beside the copy (on the last executor, the copy's own being
+    /// the first), so that submitting it costs the copy nothing; a kick
+    /// still running makes the next one unnecessary.
+    fileprivate func copied(_ n: Int64) {
         guard let target = options.writebackTarget else { return }
         let total = writebackBytes.add(n, ordering: .relaxed).newValue
-        if total >= Self.writebackEvery {
-            writebackBytes.store(0, ordering: .relaxed)
-            await target.startWriteback()
+        guard total >= Self.writebackEvery else { return }
+        writebackBytes.store(0, ordering: .relaxed)
+        guard !writebackBusy.exchange(true, ordering: .acquiring) else { return }
+        let executor = options.executors.count > 1 ? options.executors.last : nil
+        writeback.withLock {
+            $0 = Task(executorPreference: executor) { [self] in
+                await target.startWriteback()
+                writebackBusy.store(false, ordering: .releasing)
+            }
         }
+    }
+
+    /// Waits for the writeback kick, if any: nothing outlives the copy.
+    private func writebackDone() async {
+        await writeback.withLock({ $0 })?.value
     }
 
     /// A finished step, and for a failed one the error and what the policy
@@ -300,7 +360,20 @@ public final class BlockCopy: Sendable {
     fileprivate struct Running {
         let engine: BlockCopy
         let controller: any CopyController
-        private var tasks: [(CopyStep, Task<CopyFailure?, Never>)] = []
+        private enum Pending {
+            case running(Task<CopyFailure?, Never>)
+            case finished(CopyFailure?)
+
+            var result: CopyFailure? {
+                get async {
+                    switch self {
+                    case .running(let t): return await t.value
+                    case .finished(let f): return f
+                    }
+                }
+            }
+        }
+        private var tasks: [(CopyStep, Pending)] = []
         private var next = 0
 
         init(_ engine: BlockCopy, _ controller: any CopyController) {
@@ -324,34 +397,29 @@ public final class BlockCopy: Sendable {
             while count >= engine.options.inFlight, let o = await collect() {
                 try settle(o)
             }
-            start(step, perform)
+            await start(step, perform)
             return true
         }
 
-        mutating func start(_ step: CopyStep, _ perform: @escaping Perform) {
+        /// One at a time: the step runs here, on the coordinating task.
+        /// Else it becomes a task on the next executor.
+        mutating func start(_ step: CopyStep, _ perform: @escaping Perform) async {
             let engine = self.engine
+            if engine.options.inFlight == 1 {
+                tasks.append((step, .finished(await engine.run(step, perform))))
+                return
+            }
             let executor: (any TaskExecutor)? = engine.options.executors.isEmpty
                 ? nil : engine.options.executors[next % engine.options.executors.count]
             next += 1
-            let task = Task<CopyFailure?, Never>(executorPreference: executor) {
-                let buffer = engine.takeBuffer()
-                defer { engine.giveBack(buffer) }
-                do throws(CopyFailure) {
-                    try await perform(step, buffer.bytes)
-                } catch {
-                    return error
-                }
-                if step.method == .copy { await engine.copied(step.length) }
-                return nil
-            }
-            tasks.append((step, task))
+            tasks.append((step, .running(Task(executorPreference: executor) { await engine.run(step, perform) })))
         }
 
         /// Waits for the oldest step (nil: none running).
         mutating func collect() async -> Outcome? {
             guard !tasks.isEmpty else { return nil }
-            let (step, task) = tasks.removeFirst()
-            guard let failure = await task.value else { return Outcome(step: step) }
+            let (step, pending) = tasks.removeFirst()
+            guard let failure = await pending.result else { return Outcome(step: step) }
             let action = await controller.errorAction(errno: failure.error.errnoOrEIO, isRead: failure.isRead)
             return Outcome(step: step, failure: failure, action: action)
         }
@@ -362,7 +430,7 @@ public final class BlockCopy: Sendable {
         /// request), its answer dropped.
         mutating func waitAll() async {
             while !tasks.isEmpty {
-                if let failure = await tasks.removeFirst().1.value {
+                if let failure = await tasks.removeFirst().1.result {
                     _ = await controller.errorAction(errno: failure.error.errnoOrEIO, isRead: failure.isRead)
                 }
             }
